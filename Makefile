@@ -1,0 +1,54 @@
+# sealvm: `make run` boots an owner-protected VM end to end; `make test` runs the suite.
+# Both install what they need first (Debian packages, a venv, the C test guests).
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMPS     := .stamps
+APT_PKGS   := gcc make binutils libc6-dev linux-libc-dev qemu-system-x86 hyperfine
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv guests run test test-fast bench tcb security fuzz clean distclean
+
+all: deps venv guests
+
+$(STAMPS):
+	@mkdir -p $(STAMPS)
+
+$(STAMPS)/apt: scripts/ensure-apt.sh Makefile | $(STAMPS)
+	scripts/ensure-apt.sh $(APT_PKGS)
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml | $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+deps: $(STAMPS)/apt
+venv: $(STAMPS)/venv
+
+guests: $(STAMPS)/apt
+	$(MAKE) -s -C guests
+
+run: deps venv guests
+	$(VENV)/bin/sealvm run guests/build/hello.elf --cmdline "greeting=world"
+
+test: deps venv guests
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: deps venv guests
+	$(PY) -m bench.run_all
+
+tcb: deps venv guests
+	$(PY) -m sealvm.tools.tcb
+
+security: deps venv guests
+	$(PY) -m pytest -q tests/security
+
+clean:
+	$(MAKE) -s -C guests clean
+	rm -rf .pytest_cache .hypothesis
+
+distclean: clean
+	rm -rf $(VENV) $(STAMPS)

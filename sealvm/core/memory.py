@@ -1,0 +1,142 @@
+"""Guest RAM: one memfd, mapped only in this process, split around the MMIO hole.
+
+Every access from a device model goes through `GuestMemory`, which checks that
+the whole range lies inside one RAM region before touching a byte.  A guest
+that hands a device an address outside RAM gets `GuestMemoryError`, which the
+device turns into a failed request; it never reaches the mapping.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from .addr import GPA, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE, HostOffset, MIN_MEMORY
+
+
+class GuestMemoryError(Exception):
+    """A guest-supplied address range is not backed by guest RAM (guest's fault)."""
+
+
+class MemoryConfigError(ValueError):
+    """The requested memory size cannot be built (user's fault)."""
+
+
+@dataclass(frozen=True)
+class RamRegion:
+    gpa: GPA
+    size: int
+    offset: HostOffset  # where the region starts in the memfd
+
+    @property
+    def end(self) -> GPA:
+        return self.gpa + self.size
+
+
+def layout_ram(size: int) -> list[RamRegion]:
+    """Split `size` bytes of RAM around the MMIO hole."""
+    if size < MIN_MEMORY or size % PAGE_SIZE:
+        raise MemoryConfigError(
+            f"memory size {size} must be a multiple of 4 KiB and at least {MIN_MEMORY >> 20} MiB")
+    low = min(size, int(MMIO_HOLE_START))
+    regions = [RamRegion(GPA(0), low, HostOffset(0))]
+    if size > low:
+        regions.append(RamRegion(GPA(int(MMIO_HOLE_END)), size - low, HostOffset(low)))
+    return regions
+
+
+class GuestMemory:
+    """Bounds-checked access to guest RAM backed by `buf` (an mmap or bytearray)."""
+
+    def __init__(self, buf, regions: list[RamRegion], fd: int = -1):
+        self._buf = buf
+        self._view = memoryview(buf)
+        self.regions = regions
+        self.fd = fd
+        self.size = sum(r.size for r in regions)
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def create(cls, size: int, name: str = "sealvm-ram") -> "GuestMemory":
+        regions = layout_ram(size)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            # SAFETY: maps exactly `size` bytes of a memfd we just sized to `size`.
+            buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(buf, regions, fd)
+
+    @classmethod
+    def anonymous(cls, size: int) -> "GuestMemory":
+        """RAM without a memfd, for device-model tests that need no KVM."""
+        return cls(bytearray(size), layout_ram(size))
+
+    def close(self) -> None:
+        self._view.release()
+        if isinstance(self._buf, mmap.mmap):
+            self._buf.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def host_address(self) -> int:
+        """Userspace address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
+        import ctypes
+        # SAFETY: from_buffer pins the mmap for the lifetime of the returned pointer use.
+        c = ctypes.c_char.from_buffer(self._buf)
+        addr = ctypes.addressof(c)
+        del c
+        return addr
+
+    # ---- translation --------------------------------------------------
+    def translate(self, gpa: int, length: int) -> HostOffset:
+        """Host offset of [gpa, gpa+length), which must lie inside one RAM region."""
+        if length < 0:
+            raise GuestMemoryError(f"negative length {length}")
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return r.offset + (int(gpa) - int(r.gpa))
+        raise GuestMemoryError(f"guest range {int(gpa):#x}+{length:#x} is not RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self.translate(gpa, length)
+            return True
+        except GuestMemoryError:
+            return False
+
+    # ---- access -------------------------------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        off = self.translate(gpa, length)
+        return self._view[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        self.view(gpa, length)[:] = bytes([byte]) * length
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack_from("<H", self._view, self.translate(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack_from("<I", self._view, self.translate(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack_from("<Q", self._view, self.translate(gpa, 8))[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        struct.pack_into("<H", self._view, self.translate(gpa, 2), value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        struct.pack_into("<I", self._view, self.translate(gpa, 4), value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        struct.pack_into("<Q", self._view, self.translate(gpa, 8), value)
