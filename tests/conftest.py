@@ -1,0 +1,34 @@
+"""Shared test helpers: where the built guests are, and running `sealvm` for real."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GUEST_DIR = ROOT / "guests" / "build"
+HAVE_KVM = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+needs_kvm = pytest.mark.skipif(not HAVE_KVM, reason="no usable /dev/kvm on this machine")
+
+
+def guest_image(name: str) -> Path:
+    path = GUEST_DIR / f"{name}.elf"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build the guests with `make guests`")
+    return path
+
+
+def sealvm(*args: str, timeout: float = 120, input: bytes | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the `sealvm` CLI in a fresh interpreter and capture its output."""
+    return subprocess.run([sys.executable, "-m", "sealvm.cli", *args], cwd=ROOT,
+                          capture_output=True, timeout=timeout, input=input,
+                          env={**os.environ, **(env or {})})
+
+
+def pytest_report_header(config):
+    return [f"/dev/kvm: {'present' if HAVE_KVM else 'ABSENT - KVM tests will be skipped'}"]
