@@ -1,0 +1,219 @@
+"""The machine: guest RAM, vCPUs, devices and their wiring into one KVM VM.
+
+`Machine.build()` does every fallible step (open /dev/kvm, RAM, load the
+image, create vCPUs) before any guest code runs, so a bad configuration fails
+with a clear message and nothing half-started.  `start()` launches the vCPU
+threads; `wait()` returns the guest's exit status.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .addr import (DEFAULT_MEMORY, EXIT_PORT, IDLE_DOORBELL_GPA, SERIAL_PORT,
+                   VIRTIO_MMIO_BASE, VIRTIO_MMIO_FIRST_IRQ, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_STRIDE)
+from .boot.loader import load_guest
+from .bus import Bus
+from .cpu_setup import apply_cpu_state
+from .devices.serial import Serial16550
+from .devices.simple import ExitPort, IdleDoorbell
+from .devices.virtio.mmio import MmioTransport
+from .devices.virtio.rng import VirtioRng
+from .ioworker import QueueWorker
+from .kvm import ioctls as K
+from .kvm.api import Kvm
+from .memory import GuestMemory
+from .vcpu import Vcpu, VcpuControl, install_kick_handler
+
+MAX_VCPUS = 64
+BENCH_MMIO_SINK = 0xD020_0000
+BENCH_IOEVENT_ADDR = 0xD020_1000
+
+
+class MachineError(Exception):
+    """The VM cannot be built as configured (user's fault; message says why)."""
+
+
+@dataclass
+class MachineConfig:
+    image: str | bytes
+    memory: int = DEFAULT_MEMORY
+    vcpus: int = 1
+    cmdline: str = ""
+    entry: str = "pvh"
+    rng: bool = True
+    bench_sinks: bool = False
+    entropy: Callable[[int], bytes] = os.urandom
+
+
+@dataclass
+class VirtioSlot:
+    transport: MmioTransport
+    gpa: int
+    irq: int
+    workers: list = field(default_factory=list)
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, console: Callable[[bytes], None]):
+        if not 1 <= config.vcpus <= MAX_VCPUS:
+            raise MachineError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {config.vcpus}")
+        if config.entry not in ("pvh", "long"):
+            raise MachineError(f"--entry must be 'pvh' or 'long', not {config.entry!r}")
+        self.config = config
+        self.console = console
+        self.control = VcpuControl()
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.serial = Serial16550()
+        self.vcpus: list[Vcpu] = []
+        self.virtio: list[VirtioSlot] = []
+        self.kvm: Kvm | None = None
+        self.vm = None
+        self.memory: GuestMemory | None = None
+        self.exit_status: int | None = None
+        self.stop_reason = ""
+        self._stopped = threading.Event()
+        self._extra_fds: list[int] = []
+
+    # ---- build --------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.config
+        install_kick_handler()
+        try:
+            self.kvm = Kvm()
+        except OSError as e:
+            raise MachineError(f"cannot open /dev/kvm: {e.strerror}") from None
+        self.vm = self.kvm.create_vm()
+        self.memory = GuestMemory.create(cfg.memory)
+        base = self.memory.host_address()
+        for slot, region in enumerate(self.memory.regions):
+            # SAFETY: userspace_addr+offset..+size lies inside our own mapping of the memfd.
+            self.vm.set_user_memory_region(slot, 0, int(region.gpa), region.size,
+                                           base + int(region.offset))
+        self._add_devices()
+        words = [f"sealvm.idle={int(IDLE_DOORBELL_GPA):#x}"]
+        if cfg.vcpus > 1:
+            words.append(f"sealvm.vcpus={cfg.vcpus}")
+        if cfg.bench_sinks:
+            words.append(f"sealvm.ioevent={BENCH_IOEVENT_ADDR:#x}")
+        for v in self.virtio:
+            words.append(f"virtio_mmio.device=4K@{v.gpa:#x}:{v.irq}")
+        cmdline = " ".join(filter(None, [cfg.cmdline.strip(), *words]))
+        plan = load_guest(cfg.image, self.memory, cmdline, entry=cfg.entry, vcpus=cfg.vcpus)
+        cpuid = self.kvm.supported_cpuid()
+        for i, state in enumerate(plan.cpus):
+            fd = self.vm.create_vcpu(i)
+            fd.set_cpuid2(cpuid)
+            apply_cpu_state(fd, state)
+            self.vcpus.append(Vcpu(i, fd, self.control, self.pio, self.mmio,
+                                   self.console, self._on_stop))
+
+    def _add_devices(self) -> None:
+        s = self.serial
+        self.pio.add(SERIAL_PORT, s.PORTS, lambda o, n: s.read(o),
+                     lambda o, v, n: s.write(o, v), "serial")
+        ep = ExitPort()
+        self.pio.add(EXIT_PORT, ep.PORTS, lambda o, n: ep.read(o), ep.write, "exit-port")
+        db = IdleDoorbell()
+        self.mmio.add(IDLE_DOORBELL_GPA, db.SIZE, db.read, db.write, "idle-doorbell")
+        if self.config.rng:
+            self._add_virtio(VirtioRng(entropy=self.config.entropy), "virtio-rng")
+        if self.config.bench_sinks:
+            self.mmio.add(BENCH_MMIO_SINK, 0x1000, lambda o, n: 0, lambda o, v, n: None, "bench-sink")
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._extra_fds.append(efd)
+            self.vm.ioeventfd(efd, BENCH_IOEVENT_ADDR, 4)
+
+    def _add_virtio(self, device, name: str) -> None:
+        n = len(self.virtio)
+        gpa = int(VIRTIO_MMIO_BASE) + n * VIRTIO_MMIO_STRIDE
+        transport = MmioTransport(device, self.memory, interrupt=self._device_event,
+                                  name=f"{name}@{gpa:#x}")
+        self.mmio.add(gpa, VIRTIO_MMIO_SIZE, transport.read,
+                      lambda o, v, sz, t=transport: t.write(o, sz, v), name)
+        slot = VirtioSlot(transport, gpa, VIRTIO_MMIO_FIRST_IRQ + n)
+        for q in range(len(transport.queues)):
+            w = QueueWorker(f"{name}-q{q}", lambda q=q, t=transport: self._serve(t, q))
+            self.vm.ioeventfd(w.fd, gpa + 0x50, 4, datamatch=q)
+            slot.workers.append(w)
+        self.virtio.append(slot)
+
+    # ---- run ----------------------------------------------------------
+    def _serve(self, transport: MmioTransport, queue: int) -> None:
+        # Guests here poll their used rings and may park on the idle doorbell
+        # meanwhile: wake them after every batch, whatever the driver's
+        # interrupt suppression says.
+        while transport.process_queue(queue) and not self._stopped.is_set():
+            pass
+        self._device_event()
+
+    def _device_event(self) -> None:
+        for v in self.vcpus:
+            v.wakeup.set()
+
+    def _on_stop(self, why: str, status: int | None) -> None:
+        with self.control.cond:
+            if self._stopped.is_set():
+                return
+            self.stop_reason = why
+            self.exit_status = status
+            self.control.state = VcpuControl.STOPPING
+            self.control.cond.notify_all()
+            self._stopped.set()
+        for v in self.vcpus:
+            v.kick()
+
+    def start(self) -> None:
+        for slot in self.virtio:
+            for w in slot.workers:
+                w.start()
+        for v in self.vcpus:
+            v.start()
+
+    def stop(self, why: str = "stopped by request") -> None:
+        self._on_stop(why, None)
+
+    def pause(self, timeout: float = 5.0) -> None:
+        c = self.control
+        with c.cond:
+            if c.state != c.RUNNING:
+                return
+            c.state = c.PAUSED
+        for v in self.vcpus:
+            v.kick()
+        with c.cond:
+            if not c.cond.wait_for(lambda: c.parked == len(self.vcpus) or c.state != c.PAUSED,
+                                   timeout):
+                raise TimeoutError("vCPUs did not pause in time")
+
+    def resume(self) -> None:
+        c = self.control
+        with c.cond:
+            if c.state == c.PAUSED:
+                c.state = c.RUNNING
+                c.cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def close(self) -> None:
+        self.stop("machine closed")
+        for v in self.vcpus:
+            if v.thread is not None:
+                v.thread.join(timeout=5)
+        for slot in self.virtio:
+            for w in slot.workers:
+                w.stop()
+        for fd in self._extra_fds:
+            os.close(fd)
+        for v in self.vcpus:
+            v.fd.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.kvm is not None:
+            self.kvm.close()
+        if self.memory is not None:
+            self.memory.close()
