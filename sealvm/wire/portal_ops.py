@@ -1,0 +1,209 @@
+"""The portal's operation table: every request and event, its capability and schemas.
+
+`OPS` maps an op number to an `OpSpec` (name, kind, capability needed, the
+request or event payload schema, the reply schema, and cross-field checks).
+It is the single source for the codec, `docs/portal.md` and the TCB tool,
+which counts `REQUEST_OPS` (SeKVM's KCore exposes 19 hypercalls; the portal
+aims to stay at or under 20 operations in total).
+
+Numbering leaves room for later subsystems; each takes a range of 16:
+
+    0x01-0x0F  lifecycle (this file)        0x30-0x3F  snapshot
+    0x10-0x1F  block backend                 0x40-0x4F  migration
+    0x20-0x2F  network relay                 0x50-0x5F  attestation
+    0x100-0x1FF events (core -> host)
+
+Adding an op: pick a number in its range, add an `OpSpec` to `_SPECS`, and
+document it in docs/portal.md.  The table is checked at import: unique
+numbers, no field named like an encode argument, every payload <= MAX_PAYLOAD.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .portal_schema import (I32, U8, U16, U32, U64, Bytes, Enum, PortalError, Schema, Status,
+                            Str, Token, max_size)
+
+MAGIC = 0x5356                 # "VS" little-endian: b"VS" on the wire
+VERSION = 1
+HEADER_SIZE = 32
+MAX_PAYLOAD = 2 * 1024 * 1024
+MAX_MESSAGE = 1024             # reply messages, stop reasons, log lines
+MAX_IMAGE = 1 << 30            # a kernel or initrd image
+MAX_IMAGE_CHUNK = 1 << 20      # one LOAD_IMAGE chunk
+MAX_CMDLINE = 4095
+MAX_CONSOLE_INPUT = 4096
+MAX_CONSOLE_OUTPUT = 64 * 1024
+MAX_VCPUS = 64
+MIN_MEMORY_MIB, MAX_MEMORY_MIB = 2, 65536
+CAP_VM = "vm"                  # the per-VM token HELLO hands out
+
+
+class Kind(enum.IntEnum):
+    REQUEST = 1                # host -> core
+    REPLY = 2                  # core -> host, echoes the request's seq and op
+    EVENT = 3                  # core -> host, seq 0
+
+
+class Op(enum.IntEnum):
+    HELLO = 0x01
+    LOAD_IMAGE = 0x02
+    CONFIGURE = 0x03
+    START = 0x04
+    PAUSE = 0x05
+    RESUME = 0x06
+    STOP = 0x07
+    QUERY = 0x08
+    CONSOLE_INPUT = 0x09
+    # events
+    CONSOLE_OUTPUT = 0x100
+    VM_STOPPED = 0x101
+    LOG = 0x102
+
+
+class VmState(enum.IntEnum):
+    EMPTY = 0
+    CONFIGURED = 1
+    RUNNING = 2
+    PAUSED = 3
+    STOPPED = 4
+
+
+class ImageKind(enum.IntEnum):
+    KERNEL = 1
+    INITRD = 2
+
+
+class EntryMode(enum.IntEnum):
+    PVH = 1
+    LONG = 2
+
+
+class LogLevel(enum.IntEnum):
+    DEBUG = 10
+    INFO = 20
+    WARNING = 30
+    ERROR = 40
+
+
+CONFIG_FLAG_RNG = 1 << 0
+CONFIG_FLAGS = CONFIG_FLAG_RNG
+
+Check = Callable[[Mapping[str, Any]], None]
+
+
+def _check_load_image(f: Mapping[str, Any]) -> None:
+    if f["offset"] + len(f["data"]) > f["total"]:
+        raise PortalError(Status.OUT_OF_RANGE, f"image chunk at {f['offset']} of {len(f['data'])} "
+                          f"bytes runs past the image size {f['total']}")
+
+
+def _check_hello_reply(f: Mapping[str, Any]) -> None:
+    if not any(f["vm_token"]):
+        raise PortalError(Status.MALFORMED, "HELLO reply carries an all-zero vm_token")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One operation: `fields` is the request (or event) payload; `reply` the OK reply's."""
+    number: int
+    name: str
+    kind: Kind                 # REQUEST or EVENT
+    cap: str | None            # capability the request must carry; None: cap must be zero
+    fields: Schema
+    reply: Schema = ()
+    check: Check | None = None         # cross-field check of the request/event payload
+    check_reply: Check | None = None   # cross-field check of an OK reply payload
+    doc: str = ""
+
+    @property
+    def max_payload(self) -> int:
+        return max_size(self.fields)
+
+    @property
+    def max_reply(self) -> int:
+        return max_size(REPLY_PREFIX) + max_size(self.reply)
+
+
+# Every reply payload starts with these; the op's reply fields follow only when status is OK.
+REPLY_PREFIX: Schema = (Enum("status", U16, Status), Str("message", MAX_MESSAGE))
+MAX_REFUSAL = max_size(REPLY_PREFIX)
+
+_STATE = Enum("state", U8, VmState)
+
+_SPECS = (
+    OpSpec(Op.HELLO, "HELLO", Kind.REQUEST, None,
+           (U16("host_version"),),
+           (U16("core_version"), Token("vm_token"), _STATE),
+           check_reply=_check_hello_reply,
+           doc="attach; the core issues a fresh vm token and revokes the previous one"),
+    OpSpec(Op.LOAD_IMAGE, "LOAD_IMAGE", Kind.REQUEST, CAP_VM,
+           (Enum("kind", U8, ImageKind), U64("offset", hi=MAX_IMAGE),
+            U64("total", lo=1, hi=MAX_IMAGE), Bytes("data", MAX_IMAGE_CHUNK)),
+           check=_check_load_image,
+           doc="one chunk of the kernel or initrd; chunks arrive in order"),
+    OpSpec(Op.CONFIGURE, "CONFIGURE", Kind.REQUEST, CAP_VM,
+           (U32("memory_mib", lo=MIN_MEMORY_MIB, hi=MAX_MEMORY_MIB),
+            U16("vcpus", lo=1, hi=MAX_VCPUS), Enum("entry", U8, EntryMode),
+            U32("flags", mask=CONFIG_FLAGS), Str("cmdline", MAX_CMDLINE)),
+           doc="size and boot the VM from the loaded kernel"),
+    OpSpec(Op.START, "START", Kind.REQUEST, CAP_VM, (), doc="start the vCPUs"),
+    OpSpec(Op.PAUSE, "PAUSE", Kind.REQUEST, CAP_VM, (), doc="stop the vCPUs, keep state"),
+    OpSpec(Op.RESUME, "RESUME", Kind.REQUEST, CAP_VM, (), doc="continue after PAUSE"),
+    OpSpec(Op.STOP, "STOP", Kind.REQUEST, CAP_VM, (), doc="stop the VM for good"),
+    OpSpec(Op.QUERY, "QUERY", Kind.REQUEST, CAP_VM, (),
+           (_STATE, I32("exit_status"), Str("stop_reason", MAX_MESSAGE),
+            U16("vcpus", hi=MAX_VCPUS), U32("memory_mib", hi=MAX_MEMORY_MIB), U64("exits")),
+           doc="state and counters; exit_status -1 while none"),
+    OpSpec(Op.CONSOLE_INPUT, "CONSOLE_INPUT", Kind.REQUEST, CAP_VM,
+           (Bytes("data", MAX_CONSOLE_INPUT),), doc="bytes for the guest's serial console"),
+    OpSpec(Op.CONSOLE_OUTPUT, "CONSOLE_OUTPUT", Kind.EVENT, None,
+           (Bytes("data", MAX_CONSOLE_OUTPUT),), doc="bytes the guest wrote to its console"),
+    OpSpec(Op.VM_STOPPED, "VM_STOPPED", Kind.EVENT, None,
+           (I32("exit_status"), Str("reason", MAX_MESSAGE)), doc="the VM stopped"),
+    OpSpec(Op.LOG, "LOG", Kind.EVENT, None,
+           (Enum("level", U8, LogLevel), Str("message", MAX_MESSAGE)),
+           doc="a core log line (refusals among them)"),
+)
+
+OPS: dict[int, OpSpec] = {}
+REQUEST_OPS: tuple[int, ...]
+EVENT_OPS: tuple[int, ...]
+# Convenience for callers that name events: EVENTS["LOG"] == Op.LOG.
+EVENTS: dict[str, Op] = {}
+
+_RESERVED_REQUEST = {"op", "seq", "cap", "timeout"}
+_RESERVED_REPLY = {"op", "seq", "status", "message"}
+
+
+def _build() -> None:
+    for spec in _SPECS:
+        if spec.number in OPS or not 0 < spec.number <= 0xFFFF or spec.name != Op(spec.number).name:
+            raise ValueError(f"op table: bad or duplicate op {spec.number:#x}")
+        names = [f.name for f in spec.fields]
+        reply_names = [f.name for f in spec.reply]
+        if len(set(names)) != len(names) or len(set(reply_names)) != len(reply_names):
+            raise ValueError(f"op table: {spec.name} repeats a field name")
+        reserved = {"op"} if spec.kind is Kind.EVENT else _RESERVED_REQUEST
+        if reserved & set(names) or _RESERVED_REPLY & set(reply_names):
+            raise ValueError(f"op table: {spec.name} uses a reserved field name")
+        if spec.kind is Kind.EVENT and (spec.cap is not None or spec.reply):
+            raise ValueError(f"op table: event {spec.name} cannot need a cap or have a reply")
+        if spec.max_payload > MAX_PAYLOAD or spec.max_reply > MAX_PAYLOAD:
+            raise ValueError(f"op table: {spec.name} can exceed MAX_PAYLOAD")
+        OPS[spec.number] = spec
+        if spec.kind is Kind.EVENT:
+            EVENTS[spec.name] = Op(spec.number)
+
+
+_build()
+REQUEST_OPS = tuple(n for n, s in OPS.items() if s.kind is Kind.REQUEST)
+EVENT_OPS = tuple(n for n, s in OPS.items() if s.kind is Kind.EVENT)
+
+
+def op_name(op: int) -> str:
+    """A printable name for any op number, known or not."""
+    spec = OPS.get(op)
+    return spec.name if spec is not None else f"op {op:#x}"
