@@ -1,0 +1,90 @@
+"""Test-only switches that turn single defences off, for paired security tests.
+
+A security test shows an attack failing with the defence on; its paired control
+shows the same attack succeeding with exactly that defence off.  Turn one off with
+
+    SEALVM_TEST_MODE=1 SEALVM_INSECURE_TEST_DISABLE=dumpable,seccomp
+
+The variables are read once, when this module is imported.  Without
+SEALVM_TEST_MODE=1 the list is ignored (and that is logged), so a stray variable
+in production cannot weaken a core.  When honoured, the disabled defences are
+announced on stderr at import and again each time one is skipped.  An unknown
+name is an error at the first defence that consults the list: a typo must not
+leave a test believing a defence is off when it is on.
+
+One coupling comes from the kernel: a process without CAP_SYS_ADMIN may only
+install a seccomp filter under no_new_privs, so an unprivileged core with
+`no_new_privs` disabled cannot install its filter either (install_core_filter
+raises); disable `no_new_privs,seccomp` together for that control.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .libc import SandboxError
+
+log = logging.getLogger("sealvm.core.sandbox")
+
+DEFENCES: tuple[str, ...] = (
+    "dumpable",       # PR_SET_DUMPABLE=0
+    "no_new_privs",   # PR_SET_NO_NEW_PRIVS=1
+    "memlock_check",  # refusing to start when RLIMIT_MEMLOCK is too low
+    "close_fds",      # close_other_fds
+    "mlock",          # lock_memory / lock_all_memory
+    "dont_dump",      # madvise(MADV_DONTDUMP)
+    "seccomp",        # install_core_filter
+)
+ENV_DISABLE = "SEALVM_INSECURE_TEST_DISABLE"
+ENV_TEST_MODE = "SEALVM_TEST_MODE"
+
+
+def _shout(text: str) -> None:
+    """On stderr always, and to the log too when logging is configured."""
+    if log.hasHandlers():
+        log.critical(text)
+    try:
+        sys.stderr.write(f"sealvm: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def parse(environ: dict[str, str] | os._Environ) -> tuple[frozenset[str], frozenset[str]]:
+    """(disabled defences, unknown names) as `environ` asks; empty unless test mode."""
+    raw = environ.get(ENV_DISABLE, "")
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    if not names:
+        return frozenset(), frozenset()
+    if environ.get(ENV_TEST_MODE) != "1":
+        _shout(f"IGNORING {ENV_DISABLE}={raw!r}: honoured only with {ENV_TEST_MODE}=1; "
+               "all defences stay on")
+        return frozenset(), frozenset()
+    unknown = frozenset(names - set(DEFENCES))
+    disabled = frozenset(names & set(DEFENCES))
+    if disabled:
+        _shout("INSECURE TEST MODE: these defences are DISABLED: " + ", ".join(sorted(disabled))
+               + " -- never run a real guest like this")
+    return disabled, unknown
+
+
+_DISABLED, _UNKNOWN = parse(os.environ)
+
+
+def disabled(defence: str) -> bool:
+    """True when `defence` was switched off for a test (and says so loudly)."""
+    if defence not in DEFENCES:
+        raise ValueError(f"unknown defence {defence!r}")
+    if _UNKNOWN:
+        raise SandboxError(0, f"{ENV_DISABLE} names unknown defences {sorted(_UNKNOWN)}; "
+                              f"known: {', '.join(DEFENCES)}")
+    if defence in _DISABLED:
+        _shout(f"INSECURE TEST MODE: skipping defence {defence!r}")
+        return True
+    return False
+
+
+def disabled_defences() -> frozenset[str]:
+    """The defences switched off in this process (empty outside test mode)."""
+    return _DISABLED
