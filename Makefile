@@ -1,11 +1,14 @@
 # sealvm: `make run` boots an owner-protected VM end to end; `make test` runs the suite.
 # Both install what they need first (Debian packages, a venv, the C test guests).
 SHELL      := /bin/bash
-PYTHON     ?= python3
+# Debian's interpreter: world-readable, so per-VM core processes (each under
+# its own unprivileged uid) can run it too.
+PYTHON     ?= /usr/bin/python3
 VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMPS     := .stamps
-APT_PKGS   := gcc make binutils libc6-dev linux-libc-dev qemu-system-x86 hyperfine
+APT_PKGS   := python3 python3-venv python3-dev gcc make binutils libc6-dev linux-libc-dev \
+              qemu-system-x86 hyperfine strace
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv guests run test test-fast bench tcb security fuzz clean distclean
@@ -19,7 +22,7 @@ $(STAMPS)/apt: scripts/ensure-apt.sh Makefile | $(STAMPS)
 	scripts/ensure-apt.sh $(APT_PKGS)
 	@touch $@
 
-$(STAMPS)/venv: pyproject.toml | $(STAMPS)
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/apt | $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'

@@ -9,12 +9,16 @@
  *   entry64     e_entry: 64-bit CPL0 with the loader's identity map,
  *               RBX = hvm_start_info.
  *   ap_entry64  secondary vCPUs: 64-bit CPL0, RDI = vCPU index (1..N-1),
- *               RBX = hvm_start_info.  Uses the syscall gate for port I/O.
+ *               RBX = hvm_start_info.
  *
- * Everything after the drop runs at CPL3 (native speed under kvm_pvm).  The
- * CPL0 pieces left are the syscall gate, which performs port I/O for CPL3
- * code and returns with a hand-built IRETQ frame (SYSRETQ faults under
- * kvm_pvm), and the exception entry stubs.
+ * Everything after the drop runs at CPL3 (native speed under kvm_pvm).  Port
+ * I/O from CPL3: IOPL=3 allows every port on TCG, VT-x and SVM; kvm_pvm
+ * strips IOPL but honours the TSS I/O permission bitmap, which every vCPU's
+ * TSS points at (iopb below: the exit port, COM1 and the 0x510 sink), so
+ * those ports exit straight to the monitor with no fault.  The CPL0 pieces
+ * left are the syscall gate, which performs port I/O for CPL3 code when a
+ * plain in/out is not allowed and returns with a hand-built IRETQ frame
+ * (SYSRETQ faults under kvm_pvm), and the exception entry stubs.
  *
  * Page tables are static: 4 GiB identity mapped with 2 MiB pages, U/S set at
  * every level so that CPL3 code can reach all of it (IDT, MMIO).  3-4 GiB
@@ -79,7 +83,6 @@ entry64:
 ap_entry64:
         cli
         cld
-        movl    $IO_GATE, io_mode(%rip) /* APs never probe with a faulting OUT */
         /* RDI = vCPU index, RBX = start_info */
 
 reload:                                 /* long mode, loader's GDT and tables, no stack */
@@ -99,7 +102,7 @@ load_segments:
 
 /*
  * Per-CPU setup.  In: EDI = CPU index, RBX = start_info.  Clobbers RAX, RCX,
- * RDX, RSI.
+ * RDX, RSI, R8.
  */
 cpu_setup:
         cmpl    $MAX_CPUS, %edi
@@ -111,12 +114,20 @@ cpu_setup:
         shlq    $KSTACK_SHIFT, %rax
         leaq    kstacks + KSTACK_SIZE(%rax), %rsp
 
-        /* TSS: tss_area + cpu * 128; RSP0 = this stack, no I/O bitmap */
+        /*
+         * TSS: tss_area + cpu * 128; RSP0 = this stack.  Every TSS shares the
+         * one I/O bitmap `iopb` that follows tss_area: the I/O map base
+         * (offset 102) is iopb's distance from this TSS, and the TSS limit
+         * runs to the bitmap's last byte (the 0xff terminator).
+         */
         movq    %rdi, %rsi
         shlq    $TSS_SHIFT, %rsi
+        movl    $(iopb - tss_area), %r8d
+        subl    %esi, %r8d              /* R8 = I/O map base of this TSS */
         leaq    tss_area(%rsi), %rsi
         movq    %rsp, 4(%rsi)
-        movw    $104, 102(%rsi)
+        movw    %r8w, 102(%rsi)
+        addl    $(iopb_end - iopb - 1), %r8d /* R8 = TSS limit (< 64 KiB) */
 
         /* 16-byte TSS descriptor at gdt + SEL_TSS0 + cpu * 16 */
         movq    %rdi, %rcx
@@ -129,8 +140,9 @@ cpu_setup:
         shrq    $24, %rdx               /* base 31:24 -> bits 63:56 */
         shlq    $56, %rdx
         orq     %rdx, %rax
-        movabsq $0x0000890000000067, %rdx /* present, 64-bit TSS, limit 0x67 */
+        movabsq $0x0000890000000000, %rdx /* present, 64-bit TSS (available) */
         orq     %rdx, %rax
+        orq     %r8, %rax               /* limit 15:0 */
         movq    %rax, (%rcx)
         movq    $0, 8(%rcx)             /* base 63:32 = 0 */
         movl    %edi, %eax
@@ -337,7 +349,28 @@ pd:
         .set    .Lpde, .Lpde + 1
         .endr
 
-/* Per-CPU stacks and TSSs; the IDT (filled by idt_init at CPL3). */
+/*
+ * Per-CPU TSSs and the I/O permission bitmap they share (static data, so the
+ * bitmap is in place before any CPL3 code runs).  A 0 bit allows a port.
+ * The bitmap covers ports 0-0x517; ports above it lie beyond the TSS limit
+ * and are denied.  The CPU reads two bitmap bytes per access, hence the
+ * trailing 0xff byte.  Keep the open ports in step with IOPB_* in layout.h.
+ */
+        .data
+        .balign 128
+tss_area:
+        .fill   MAX_CPUS << TSS_SHIFT, 1, 0
+iopb:
+        .fill   IOPB_EXIT_PORT / 8, 1, 0xff                     /* 0x000-0x0ef */
+        .byte   0x0f                                            /* 0xf4-0xf7 open */
+        .fill   IOPB_COM1 / 8 - IOPB_EXIT_PORT / 8 - 1, 1, 0xff
+        .byte   0x00                                            /* 0x3f8-0x3ff open */
+        .fill   IOPB_SINK_PORT / 8 - IOPB_COM1 / 8 - 1, 1, 0xff
+        .byte   0xfe                                            /* 0x510 open */
+        .byte   0xff                                            /* terminator */
+iopb_end:
+
+/* Per-CPU stacks; the IDT (filled by idt_init at CPL3). */
         .bss
         .balign 4096
         .globl  kstacks, ustacks
@@ -345,9 +378,6 @@ kstacks:
         .skip   MAX_CPUS << KSTACK_SHIFT
 ustacks:
         .skip   MAX_CPUS << USTACK_SHIFT
-        .balign 128
-tss_area:
-        .skip   MAX_CPUS << TSS_SHIFT
         .balign 16
         .globl  idt
 idt:

@@ -36,8 +36,19 @@
 #define GATE_NOPS       8
 
 /* io_mode: how CPL3 code reaches I/O ports. */
-#define IO_DIRECT       0       /* plain in/out at CPL3 with IOPL=3 (TCG, VT-x, SVM) */
-#define IO_GATE         1       /* syscall gate (kvm_pvm strips IOPL) */
+#define IO_DIRECT       0       /* plain in/out at CPL3: IOPL=3 (TCG, VT-x, SVM) or the
+                                   TSS I/O bitmap (kvm_pvm strips IOPL but honours it) */
+#define IO_GATE         1       /* syscall gate for every port (the bitmap is not honoured) */
+#define IO_IOPB         2       /* plain in/out for the bitmap's ports, the gate for others */
+
+/*
+ * Ports the TSS I/O permission bitmap opens to CPL3 (iopb in boot.S; keep the
+ * two in step): the isa-debug-exit / sealvm exit port, COM1, and the exits
+ * guest's port sink.  Every other port is denied by the bitmap.
+ */
+#define IOPB_EXIT_PORT  0xf4    /* 0xf4-0xf7 */
+#define IOPB_COM1       0x3f8   /* 0x3f8-0x3ff */
+#define IOPB_SINK_PORT  0x510   /* 0x510 only */
 
 /* Lowest guest-physical address the guests use for data outside the image. */
 #define FREE_RAM_BASE   0x200000

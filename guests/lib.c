@@ -5,12 +5,15 @@
  * the IDT, reads hvm_start_info and the command line, and runs the guest's
  * main(); secondary vCPUs wait for that and run ap_main().
  *
- * Port I/O: CPL3 code first tries a plain in/out (IOPL=3 makes that legal on
- * TCG, VT-x and SVM).  kvm_pvm strips IOPL, so the instruction raises #GP;
- * exc_handler() then performs the access at CPL0, skips the instruction and
- * switches io_mode to IO_GATE, after which all port I/O goes through the
- * syscall gate in boot.S.  Under sealvm (its words on the command line) the
- * gate is used from the start.
+ * Port I/O: CPL3 code uses a plain in/out (io_mode IO_DIRECT).  IOPL=3 makes
+ * that legal for every port on TCG, VT-x and SVM; kvm_pvm strips IOPL but
+ * honours the TSS I/O permission bitmap (boot.S), which opens the exit port,
+ * COM1 and the 0x510 sink, so those exit straight to the monitor.  If a plain
+ * in/out raises #GP anyway, exc_handler() performs the access at CPL0, skips
+ * the instruction and picks the cheapest mode that will not fault again:
+ * IO_IOPB (the bitmap works, the port was outside it: such ports go through
+ * the syscall gate from now on) or IO_GATE (a bitmap port faulted: every port
+ * goes through the gate).
  */
 #include "lib.h"
 
@@ -36,9 +39,27 @@ static inline u8 raw_inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(
 static inline u16 raw_inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u32 raw_inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
+/* Ports the TSS I/O bitmap opens (boot.S iopb), for a `size`-byte access. */
+static bool iopb_open(u16 port, u32 size)
+{
+    u32 last = (u32)port + size - 1;
+
+    return (port >= IOPB_EXIT_PORT && last <= IOPB_EXIT_PORT + 3) ||
+           (port >= IOPB_COM1 && last <= IOPB_COM1 + 7) ||
+           (port == IOPB_SINK_PORT && size == 1);
+}
+
+/* May CPL3 use a plain in/out for this access (rather than the gate)? */
+static inline bool port_direct(u16 port, u32 size)
+{
+    u32 mode = io_mode;
+
+    return mode == IO_DIRECT || (mode == IO_IOPB && iopb_open(port, size));
+}
+
 void outb(u16 port, u8 v)
 {
-    if (io_mode == IO_DIRECT)
+    if (port_direct(port, 1))
         raw_outb(port, v);
     else
         gate_call(GATE_OUTB, port, v, NULL, 0);
@@ -46,7 +67,7 @@ void outb(u16 port, u8 v)
 
 void outw(u16 port, u16 v)
 {
-    if (io_mode == IO_DIRECT)
+    if (port_direct(port, 2))
         raw_outw(port, v);
     else
         gate_call(GATE_OUTW, port, v, NULL, 0);
@@ -54,7 +75,7 @@ void outw(u16 port, u16 v)
 
 void outl(u16 port, u32 v)
 {
-    if (io_mode == IO_DIRECT)
+    if (port_direct(port, 4))
         raw_outl(port, v);
     else
         gate_call(GATE_OUTL, port, v, NULL, 0);
@@ -62,7 +83,7 @@ void outl(u16 port, u32 v)
 
 u8 inb(u16 port)
 {
-    if (io_mode == IO_DIRECT)
+    if (port_direct(port, 1))
         return raw_inb(port);
     return (u8)gate_call(GATE_INB, port, 0, NULL, 0);
 }
@@ -72,7 +93,7 @@ void outsb(u16 port, const void *buf, u64 count)
 {
     const u8 *p = buf;
 
-    while (count && io_mode == IO_DIRECT) {  /* re-checked: the first OUT may switch */
+    while (count && port_direct(port, 1)) {  /* re-checked: the first OUT may switch */
         raw_outb(port, *p++);
         count--;
     }
@@ -329,8 +350,11 @@ static void idt_init(void)
 /*
  * Emulates a port instruction that faulted at CPL3 (kvm_pvm ignores IOPL).
  * Handles in/out with DX or an 8-bit immediate, 8/16/32-bit.  Runs at CPL0.
+ * Returns the port's I/O mode for the future: IO_IOPB if the port is outside
+ * the TSS I/O bitmap (the bitmap may still work for its own ports), IO_GATE
+ * if the bitmap allowed it and it faulted all the same; 0 if not port I/O.
  */
-static bool emulate_port_io(struct exc_frame *f)
+static u32 emulate_port_io(struct exc_frame *f)
 {
     const u8 *ip = (const u8 *)f->rip;
     u32 len = 0;
@@ -347,7 +371,7 @@ static bool emulate_port_io(struct exc_frame *f)
     else if (op >= 0xec && op <= 0xef)
         port = (u16)f->rdx;
     else
-        return false;
+        return 0;
 
     bool out = op & 2, byte = !(op & 1);
     if (out) {
@@ -366,7 +390,7 @@ static bool emulate_port_io(struct exc_frame *f)
             f->rax = raw_inl(port);   /* 32-bit result zero-extends */
     }
     f->rip += len;
-    return true;
+    return iopb_open(port, byte ? 1 : opsize16 ? 2 : 4) ? IO_GATE : IO_IOPB;
 }
 
 static void fault_print(const char *fmt, ...)
@@ -386,9 +410,13 @@ static void fault_print(const char *fmt, ...)
 /* Called at CPL0 by exc_common; returns only if the fault was handled. */
 void exc_handler(struct exc_frame *f)
 {
-    if (f->vector == 13 && (f->cs & 3) == 3 && emulate_port_io(f)) {
-        io_mode = IO_GATE;
-        return;
+    if (f->vector == 13 && (f->cs & 3) == 3) {
+        u32 mode = emulate_port_io(f);
+        if (mode) {
+            if (mode == IO_GATE || io_mode == IO_DIRECT)  /* never back from IO_GATE */
+                io_mode = mode;
+            return;
+        }
     }
     u64 cr2;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
@@ -570,8 +598,6 @@ static void boot_init(u64 start_info)
         if (wlen > 7 && memcmp(w, "sealvm.", 7) == 0)
             boot.sealvm = true;
     }
-    if (boot.sealvm)
-        io_mode = IO_GATE;              /* sealvm runs on kvm_pvm: skip the probe fault */
     boot.vcpus = (u32)param_u64("sealvm.vcpus", 1);
     if (boot.vcpus < 1)
         boot.vcpus = 1;

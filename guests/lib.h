@@ -52,7 +52,7 @@ static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 
 /* ------------------------------------------------------------------ ports */
-extern volatile u32 io_mode;    /* IO_DIRECT or IO_GATE */
+extern volatile u32 io_mode;    /* IO_DIRECT, IO_GATE or IO_IOPB (layout.h) */
 
 u64 gate_call(u64 op, u64 port, u64 value, const void *buf, u64 count);
 

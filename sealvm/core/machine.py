@@ -24,7 +24,7 @@ from .devices.virtio.rng import VirtioRng
 from .ioworker import QueueWorker
 from .kvm import ioctls as K
 from .kvm.api import Kvm
-from .memory import GuestMemory
+from .memory import GuestMemory, RamOptions
 from .vcpu import Vcpu, VcpuControl, install_kick_handler
 
 MAX_VCPUS = 64
@@ -46,6 +46,8 @@ class MachineConfig:
     rng: bool = True
     bench_sinks: bool = False
     entropy: Callable[[int], bytes] = os.urandom
+    ram: RamOptions = RamOptions()   # pre-faulting / huge pages for guest RAM (off)
+    kvm_fd: int | None = None        # an open /dev/kvm handed over by the launcher
 
 
 @dataclass
@@ -57,13 +59,15 @@ class VirtioSlot:
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, console: Callable[[bytes], None]):
+    def __init__(self, config: MachineConfig, console: Callable[[bytes], None],
+                 on_stopped: Callable[[str, int | None], None] | None = None):
         if not 1 <= config.vcpus <= MAX_VCPUS:
             raise MachineError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {config.vcpus}")
         if config.entry not in ("pvh", "long"):
             raise MachineError(f"--entry must be 'pvh' or 'long', not {config.entry!r}")
         self.config = config
         self.console = console
+        self._on_stopped = on_stopped
         self.control = VcpuControl()
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -83,11 +87,12 @@ class Machine:
         cfg = self.config
         install_kick_handler()
         try:
-            self.kvm = Kvm()
+            self.kvm = Kvm() if cfg.kvm_fd is None else Kvm(fd=os.dup(cfg.kvm_fd))
         except OSError as e:
             raise MachineError(f"cannot open /dev/kvm: {e.strerror}") from None
         self.vm = self.kvm.create_vm()
-        self.memory = GuestMemory.create(cfg.memory)
+        self.memory = GuestMemory.create(cfg.memory, prefault=cfg.ram.prefault,
+                                         hugepages=cfg.ram.hugepages)
         base = self.memory.host_address()
         for slot, region in enumerate(self.memory.regions):
             # SAFETY: userspace_addr+offset..+size lies inside our own mapping of the memfd.
@@ -165,6 +170,8 @@ class Machine:
             self._stopped.set()
         for v in self.vcpus:
             v.kick()
+        if self._on_stopped is not None:
+            self._on_stopped(why, status)
 
     def start(self) -> None:
         for slot in self.virtio:

@@ -28,10 +28,14 @@ _INT_FMT = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 def install_kick_handler() -> None:
     """A no-op handler so the kick signal interrupts KVM_RUN instead of killing us.
 
-    Must run on the main thread before any vCPU thread starts.
+    Must run on the main thread before any vCPU thread starts; from another
+    thread it only checks that this was done.
     """
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
-        signal.signal(KICK_SIGNAL, lambda *_: None)
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("the vCPU kick signal handler must be installed on the main thread")
+    signal.signal(KICK_SIGNAL, lambda *_: None)
 
 
 class VmStopped(Exception):

@@ -1,0 +1,232 @@
+"""The core process: one per VM, started by the launcher, the only holder of the VM.
+
+    python -I -B -m sealvm.core.main --vm-id=ID --host-uid=U --memory-mib=M \
+        --kvm-fd=N --portal-fd=N --listen-fd=N
+
+It hardens itself first (not dumpable, no new privileges, no other fds), then
+serves the portal: the socketpair it was started with, and after that any
+connection on the listening socket from the host daemon's uid (a restarted
+daemon re-attaches this way).  One host at a time; a new HELLO revokes the
+previous host's capability.  Seccomp goes on just before the guest starts,
+when every file the core will ever open is open.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
+
+from ..wire import portal as P
+from . import sandbox
+from .service import Refused, VmService
+from .vcpu import install_kick_handler
+
+log = logging.getLogger("sealvm.core")
+HOST_VERSION_MIN = 1
+
+
+class Portal:
+    """The current host connection; events go there, or nowhere when detached."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sock: socket.socket | None = None
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            old, self.sock = self.sock, sock
+        if old is not None and old is not sock:
+            _close(old)
+
+    def detach(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self.sock is sock:
+                self.sock = None
+
+    def send(self, frame: bytes, sock: socket.socket | None = None) -> bool:
+        with self._lock:
+            target = sock or self.sock
+            if target is None:
+                return False
+            try:
+                target.sendall(frame)
+                return True
+            except OSError:
+                return False
+
+    def emit(self, name: str, fields: dict) -> bool:
+        return self.send(P.encode_event(P.EVENTS[name], **fields))
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class Dispatcher:
+    def __init__(self, service: VmService, portal: Portal):
+        self.service = service
+        self.portal = portal
+        s = service
+        self.handlers = {
+            P.OP.LOAD_IMAGE: lambda f: s.load_image(f["kind"], f["offset"], f["total"], f["data"]),
+            P.OP.CONFIGURE: lambda f: s.configure(f["memory_mib"], f["vcpus"], f["entry"],
+                                                  f["flags"], f["cmdline"]),
+            P.OP.START: lambda f: s.start(),
+            P.OP.PAUSE: lambda f: s.pause(),
+            P.OP.RESUME: lambda f: s.resume(),
+            P.OP.STOP: lambda f: s.stop(),
+            P.OP.QUERY: lambda f: s.query(),
+            P.OP.CONSOLE_INPUT: lambda f: s.console_input(f["data"]),
+        }
+
+    def serve(self, sock: socket.socket) -> None:
+        """Serve one host connection until it closes or the stream can no longer be framed."""
+        reader = P.FrameReader(sock)
+        while True:
+            try:
+                frame = reader.read()
+            except P.PortalError as e:
+                self._refuse(sock, e.op, e.seq, e.status, str(e))
+                if e.fatal:         # cannot resync: drop this connection, keep the VM
+                    break
+                continue
+            if frame is None:
+                break
+            self.handle(sock, frame.header, frame.payload)
+        self.portal.detach(sock)
+        _close(sock)
+
+    def handle(self, sock, header, payload) -> None:
+        op, seq = header.op, header.seq
+        try:
+            # The capability is checked before any field of the payload is decoded.
+            P.check_capability(header, {P.CAP_VM: self.service.token})
+            msg = P.decode_payload(header, payload)
+            if op == P.OP.HELLO:
+                self._hello(sock, seq)
+                return
+            result = self.handlers[op](msg.fields) or {}
+            self.portal.send(P.encode_reply(op, seq, P.STATUS.OK, "", **result), sock)
+            if op == P.OP.STOP:
+                self.service.finished.set()
+        except P.PortalError as e:
+            self._refuse(sock, op, seq, e.status, str(e))
+        except Refused as e:
+            self._refuse(sock, op, seq, getattr(P.STATUS, e.status), e.message)
+        except Exception as e:   # our own bug: answer, say it loudly, keep serving
+            log.exception("portal: internal error in %s", P.op_name(op))
+            self._refuse(sock, op, seq, P.STATUS.FAILED, f"internal error in the core: {e!r}")
+
+    def _hello(self, sock, seq: int) -> None:
+        token = self.service.hello()
+        self.portal.attach(sock)
+        self.portal.send(P.encode_reply(P.OP.HELLO, seq, P.STATUS.OK, "", core_version=P.VERSION,
+                                        vm_token=token, state=self.service.state), sock)
+        self.service.flush_backlog()
+
+    def _refuse(self, sock, op, seq, status, message) -> None:
+        text = P.clip_message(f"refused {P.op_name(op)}: {message}")
+        log.warning("portal: %s", text)
+        self.portal.emit("LOG", {"level": 30, "message": text})
+        self.portal.send(P.encode_reply(op, seq, status, P.clip_message(message)), sock)
+
+
+def accept_loop(listener: socket.socket, host_uid: int, dispatcher: Dispatcher) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        uid = peer_uid(conn)
+        if uid not in (host_uid, 0):
+            log.warning("portal: refused a connection from uid %d", uid)
+            conn.close()
+            continue
+        threading.Thread(target=dispatcher.serve, args=(conn,), daemon=True,
+                         name="portal").start()
+
+
+KEY_LOCK_BYTES = 1 << 20
+
+
+def swap_active() -> bool:
+    try:
+        with open("/proc/swaps") as f:
+            return len(f.read().strip().splitlines()) > 1
+    except OSError:
+        return True
+
+
+def protect_guest_memory(machine) -> None:
+    """Keep guest RAM out of core dumps, and out of swap.
+
+    Guest RAM is locked on fault (mlock2 MLOCK_ONFAULT: no up-front population).
+    Where RLIMIT_MEMLOCK is too low for that and cannot be raised (a root
+    without CAP_SYS_RESOURCE), RAM can still not reach swap while no swap is
+    active, and only root (trusted) can enable swap: the core says so and goes
+    on; with swap active it refuses.
+    """
+    buf = machine.memory.buffer
+    sandbox.dont_dump(buf)
+    try:
+        sandbox.lock_memory(buf, on_fault=True)
+    except sandbox.SandboxError as e:
+        if swap_active():
+            raise sandbox.SandboxError(e.errno, f"{e}; swap is active, so guest memory could "
+                                                "be written to it: refusing to run") from None
+        log.warning("guest RAM not locked (%s): no swap is active, so it cannot be swapped "
+                    "out; enabling swap needs root", e)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sealvm-core")
+    p.add_argument("--vm-id", required=True)
+    p.add_argument("--host-uid", type=int, required=True)
+    p.add_argument("--memory-mib", type=int, required=True)
+    for name in ("kvm", "portal", "listen"):
+        p.add_argument(f"--{name}-fd", type=int, required=True)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format=f"core[{args.vm_id}] %(levelname)s %(message)s")
+    keep = {0, 1, 2, args.kvm_fd, args.portal_fd, args.listen_fd}
+    try:
+        sandbox.harden_process(mlock_limit_needed=KEY_LOCK_BYTES, keep_fds=keep)
+    except sandbox.SandboxError as e:
+        log.error("cannot harden the core: %s", e)
+        return 2
+    install_kick_handler()            # signals can only be set up on the main thread
+    portal = Portal()
+    service = VmService(args.vm_id, args.memory_mib, portal.emit, kvm_fd=args.kvm_fd,
+                        harden_memory=protect_guest_memory,
+                        before_start=sandbox.install_core_filter)
+    dispatcher = Dispatcher(service, portal)
+    listener = socket.socket(fileno=args.listen_fd)
+    first = socket.socket(fileno=args.portal_fd)
+    threading.Thread(target=accept_loop, args=(listener, args.host_uid, dispatcher),
+                     daemon=True, name="accept").start()
+    threading.Thread(target=dispatcher.serve, args=(first,), daemon=True, name="portal").start()
+    service.finished.wait()
+    if service.machine is not None:
+        service.machine.close()
+    portal.emit("LOG", {"level": 20, "message": "core exiting"})
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The VM behind the portal: every host request is checked here before it acts.
+
+`VmService` holds the VM's state machine (EMPTY → CONFIGURED → RUNNING ⇄
+PAUSED → STOPPED) and the capability token of the currently attached host.
+Each operation checks its arguments and the state and either acts or raises
+`Refused(status, message)`; the portal loop turns that into an error reply and
+a log line, and the VM keeps running.  Nothing here trusts the host: sizes,
+offsets and counts are re-checked even where the wire decoder already did.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+from collections import deque
+from typing import Callable
+
+from .addr import MiB
+from .boot.errors import BootError
+from .machine import Machine, MachineConfig, MachineError
+from .memory import MemoryConfigError
+from ..wire.portal import clip_message as clip
+
+log = logging.getLogger("sealvm.core")
+
+EMPTY, CONFIGURED, RUNNING, PAUSED, STOPPED = range(5)
+STATE_NAMES = ("empty", "configured", "running", "paused", "stopped")
+MAX_IMAGE = 1 << 30
+CONSOLE_BACKLOG = 64 * 1024
+CONSOLE_EVENT_MAX = 64 * 1024
+ENTRY_MODES = {1: "pvh", 2: "long"}
+FLAG_RNG = 1
+
+
+class Refused(Exception):
+    """A host request the core will not carry out (status names the reason)."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class VmService:
+    def __init__(self, vm_id: str, memory_limit_mib: int, emit: Callable[[str, dict], bool], *,
+                 kvm_fd: int | None = None,
+                 harden_memory: Callable[[Machine], None] = lambda m: None,
+                 before_start: Callable[[], None] = lambda: None):
+        self.vm_id = vm_id
+        self.kvm_fd = kvm_fd
+        self.memory_limit_mib = memory_limit_mib
+        self._emit = emit                 # (event name, fields) -> delivered?
+        self._harden_memory = harden_memory
+        self._before_start = before_start
+        self._lock = threading.RLock()
+        self.state = EMPTY
+        self.token: bytes | None = None
+        self.image = bytearray()
+        self.image_total = 0
+        self.machine: Machine | None = None
+        self.exit_status = -1
+        self.stop_reason = ""
+        self._console_backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
+        self.finished = threading.Event()  # set once STOP has been answered: the core exits
+
+    # ---- capabilities ----------------------------------------------------
+    def hello(self) -> bytes:
+        """A fresh token for the newly attached host; the old one is revoked."""
+        with self._lock:
+            self.token = secrets.token_bytes(16)
+            return self.token
+
+    def check_token(self, token: bytes) -> None:
+        current = self.token
+        if current is None or not hmac.compare_digest(current, token):
+            raise Refused("BAD_CAPABILITY", "capability token is not this VM's current token")
+
+    def _need(self, *states: int) -> None:
+        if self.state not in states:
+            want = "/".join(STATE_NAMES[s] for s in states)
+            raise Refused("WRONG_STATE", f"VM is {STATE_NAMES[self.state]}, needs {want}")
+
+    # ---- set-up ----------------------------------------------------------
+    def load_image(self, kind: int, offset: int, total: int, data: bytes) -> None:
+        with self._lock:
+            self._need(EMPTY)
+            if kind != 1:
+                raise Refused("OUT_OF_RANGE", f"image kind {kind} is not supported by this core")
+            if not 0 < total <= MAX_IMAGE:
+                raise Refused("OUT_OF_RANGE", f"image size {total} outside 1..{MAX_IMAGE}")
+            if offset == 0:
+                self.image = bytearray()
+                self.image_total = total
+            if total != self.image_total or offset != len(self.image):
+                raise Refused("OUT_OF_RANGE", f"image chunk at {offset} but {len(self.image)} "
+                                              f"of {self.image_total} bytes received")
+            if offset + len(data) > total:
+                raise Refused("OUT_OF_RANGE", "image chunk runs past the announced size")
+            self.image += data
+
+    def configure(self, memory_mib: int, vcpus: int, entry: int, flags: int, cmdline: str) -> None:
+        with self._lock:
+            self._need(EMPTY)
+            if len(self.image) != self.image_total or not self.image:
+                raise Refused("WRONG_STATE", f"image incomplete: {len(self.image)} of "
+                                             f"{self.image_total} bytes")
+            if not 2 <= memory_mib <= self.memory_limit_mib:
+                raise Refused("OUT_OF_RANGE", f"memory {memory_mib} MiB outside 2.."
+                                              f"{self.memory_limit_mib} (the launcher's limit)")
+            if entry not in ENTRY_MODES or flags & ~FLAG_RNG:
+                raise Refused("OUT_OF_RANGE", "unknown entry mode or flags")
+            cfg = MachineConfig(image=bytes(self.image), memory=memory_mib * MiB, vcpus=vcpus,
+                                cmdline=cmdline, entry=ENTRY_MODES[entry],
+                                rng=bool(flags & FLAG_RNG), kvm_fd=self.kvm_fd)
+            machine = Machine(cfg, self._console, on_stopped=self._stopped)
+            try:
+                machine.build()
+                self._harden_memory(machine)
+            except (MachineError, BootError, MemoryConfigError) as e:
+                machine.close()
+                raise Refused("FAILED", str(e)) from None
+            except OSError as e:   # includes SandboxError (cannot protect guest RAM)
+                machine.close()
+                raise Refused("FAILED", f"cannot build the VM: {e}") from None
+            self.machine = machine
+            self.image = bytearray()
+            self.state = CONFIGURED
+
+    # ---- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            self._need(CONFIGURED)
+            self._before_start()
+            self.state = RUNNING
+            self.machine.start()
+
+    def pause(self) -> None:
+        with self._lock:
+            self._need(RUNNING)
+            self.machine.pause()
+            self.state = PAUSED
+
+    def resume(self) -> None:
+        with self._lock:
+            self._need(PAUSED)
+            self.machine.resume()
+            self.state = RUNNING
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.machine is not None and self.state in (RUNNING, PAUSED, CONFIGURED):
+                self.machine.stop("stopped by the host")
+
+    def console_input(self, data: bytes) -> None:
+        with self._lock:
+            self._need(RUNNING, PAUSED)
+            self.machine.serial.feed(data)
+            self.machine._device_event()
+
+    def query(self) -> dict:
+        m = self.machine
+        return dict(state=self.state, exit_status=self.exit_status,
+                    stop_reason=clip(self.stop_reason),
+                    vcpus=len(m.vcpus) if m else 0,
+                    memory_mib=(m.config.memory // MiB) if m else 0,
+                    exits=sum(v.exits for v in m.vcpus) if m else 0)
+
+    # ---- from the machine -----------------------------------------------
+    def _console(self, data: bytes) -> None:
+        for i in range(0, len(data), CONSOLE_EVENT_MAX):
+            self._console_chunk(data[i:i + CONSOLE_EVENT_MAX])
+
+    def _console_chunk(self, data: bytes) -> None:
+        if not self._emit("CONSOLE_OUTPUT", {"data": data}):
+            with self._lock:   # no host attached: keep a bounded backlog for the next one
+                self._console_backlog.append(data)
+                self._backlog_bytes += len(data)
+                while self._backlog_bytes > CONSOLE_BACKLOG:
+                    self._backlog_bytes -= len(self._console_backlog.popleft())
+
+    def flush_backlog(self) -> None:
+        """Send what the guest printed while no host was attached."""
+        with self._lock:
+            if not self._console_backlog:
+                return
+            data = b"".join(self._console_backlog)
+            self._console_backlog.clear()
+            self._backlog_bytes = 0
+        self._console(data)
+
+    def _stopped(self, reason: str, status: int | None) -> None:
+        self.exit_status = -1 if status is None else status
+        self.stop_reason = reason
+        self.state = STOPPED
+        self._emit("VM_STOPPED", {"exit_status": self.exit_status, "reason": clip(reason)})

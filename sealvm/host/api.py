@@ -1,0 +1,124 @@
+"""The daemon's REST API (FastAPI), served on a Unix socket.
+
+Every route is a thin call into `VmManager`; errors map to HTTP statuses with
+a message that says whose fault it was (400 bad request, 404 unknown VM, 409
+wrong state, 502 the core refused or failed).  The OpenAPI document is at
+/openapi.json and docs/openapi.json.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Body, FastAPI, HTTPException, Query
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from .manager import CoreRefused, UnknownVm, VmManager, WrongState
+
+
+class CreateVm(BaseModel):
+    image: str = Field(description="path of the guest image (PVH ELF), read by the daemon")
+    name: str | None = Field(default=None, description="VM id (a-z, 0-9, '-'); generated if absent")
+    memory_mib: int = Field(default=256, ge=2, le=65536)
+    vcpus: int = Field(default=1, ge=1, le=64)
+    cmdline: str = Field(default="", max_length=3000)
+    entry: str = Field(default="pvh", pattern="^(pvh|long)$")
+    rng: bool = True
+    start: bool = Field(default=False, description="start the VM right after creating it")
+
+
+class VmView(BaseModel):
+    id: str
+    image: str
+    memory_mib: int
+    vcpus: int
+    cmdline: str
+    entry: str
+    rng: bool
+    state: str
+    pid: int
+    uid: int
+    exit_status: int | None
+    stop_reason: str
+    created: float
+
+
+def _errors(fn):
+    try:
+        return fn()
+    except UnknownVm as e:
+        raise HTTPException(404, str(e)) from None
+    except WrongState as e:
+        raise HTTPException(409, str(e)) from None
+    except CoreRefused as e:
+        raise HTTPException(502, str(e)) from None
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+
+
+def build_app(manager: VmManager) -> FastAPI:
+    app = FastAPI(title="sealvm host daemon", version="1",
+                  description="Lifecycle of sealed VMs. The daemon manages VMs but never sees "
+                              "inside them: it talks to each VM's core only through the portal.")
+
+    @app.get("/v1/health")
+    def health() -> dict:
+        return {"ok": True, "vms": len(manager.list())}
+
+    @app.get("/v1/vms", response_model=list[VmView])
+    def list_vms():
+        return [r.public() for r in manager.list()]
+
+    @app.post("/v1/vms", response_model=VmView, status_code=201)
+    def create_vm(spec: CreateVm):
+        def go():
+            rec = manager.create(spec.name, spec.image, spec.memory_mib, spec.vcpus, spec.cmdline,
+                                 spec.entry, spec.rng)
+            if spec.start:
+                rec = manager.start(rec.id)
+            return rec.public()
+        return _errors(go)
+
+    @app.get("/v1/vms/{vm_id}", response_model=VmView)
+    def get_vm(vm_id: str):
+        return _errors(lambda: manager.get(vm_id).public())
+
+    for action in ("start", "pause", "resume", "stop"):
+        def route(vm_id: str, _a=action):
+            return _errors(lambda: getattr(manager, _a)(vm_id).public())
+        app.post(f"/v1/vms/{{vm_id}}/{action}", response_model=VmView,
+                 name=f"{action}_vm")(route)
+
+    @app.delete("/v1/vms/{vm_id}", status_code=204)
+    def delete_vm(vm_id: str):
+        _errors(lambda: manager.delete(vm_id))
+
+    @app.get("/v1/vms/{vm_id}/console")
+    async def console(vm_id: str, offset: int = Query(0, ge=0), follow: bool = False):
+        _errors(lambda: manager.get(vm_id))
+        if not follow:
+            return PlainTextResponse(_errors(lambda: manager.console(vm_id, offset)),
+                                     media_type="application/octet-stream")
+
+        async def stream():
+            pos = offset
+            while True:
+                data = manager.console(vm_id, pos)
+                if data:
+                    pos += len(data)
+                    yield data
+                elif manager.get(vm_id).state in ("stopped", "lost", "failed"):
+                    return
+                else:
+                    await asyncio.sleep(0.05)
+        return StreamingResponse(stream(), media_type="application/octet-stream")
+
+    @app.post("/v1/vms/{vm_id}/console", status_code=204)
+    def console_input(vm_id: str, data: str = Body(..., media_type="text/plain", max_length=4096)):
+        _errors(lambda: manager.console_input(vm_id, data.encode()))
+
+    @app.get("/v1/vms/{vm_id}/logs", response_class=PlainTextResponse)
+    def logs(vm_id: str):
+        return _errors(lambda: manager.logs(vm_id))
+
+    return app

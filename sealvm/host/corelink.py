@@ -1,0 +1,122 @@
+"""The host's side of one core's portal: requests out, events in.
+
+Console bytes the core sends are appended to the VM's console log (that is
+all the host ever sees of the guest: what the guest chose to print); log
+events go to the VM's core log; VM_STOPPED is reported to the manager.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from typing import Callable
+
+from ..wire import portal as P
+from ..wire.portal import (EncodeError, Op, PortalClient, PortalClosed, PortalError, PortalRefused,
+                           PortalTimeout)
+
+IMAGE_CHUNK = 1 << 20
+STATE_NAMES = {0: "configuring", 1: "configured", 2: "running", 3: "paused", 4: "stopped"}
+
+
+class CoreRefused(Exception):
+    """The core refused a request, failed it, or is unreachable (message says which)."""
+
+
+class CoreLink:
+    def __init__(self, vm_id: str, sock: socket.socket, console_log: Path | None,
+                 on_stopped: Callable[[str, int, str], None] | None = None,
+                 on_console: Callable[[bytes], None] | None = None):
+        self.vm_id = vm_id
+        self.console_path = console_log
+        self._console = self._core_log = None
+        if console_log is not None:
+            self._console = open(console_log, "ab", buffering=0)
+            self._core_log = open(console_log.with_name("core.log"), "a", buffering=1)
+        self._on_stopped = on_stopped
+        self._on_console = on_console
+        self._closed = threading.Event()
+        self.stopped: tuple[int, str] | None = None
+        self.client = PortalClient(sock, on_event=self._event)
+
+    @staticmethod
+    def state_name(state) -> str:
+        return STATE_NAMES.get(int(state), "unknown")
+
+    def _event(self, msg) -> None:
+        op, f = msg.header.op, msg.fields
+        if op == P.EVENTS["CONSOLE_OUTPUT"]:
+            if self._console is not None:
+                self._console.write(f["data"])
+            if self._on_console is not None:
+                self._on_console(f["data"])
+        elif op == P.EVENTS["VM_STOPPED"]:
+            self.stopped = (f["exit_status"], f["reason"])
+            if self._on_stopped is not None:
+                self._on_stopped(self.vm_id, f["exit_status"], f["reason"])
+        elif op == P.EVENTS["LOG"]:
+            if self._core_log is not None:
+                self._core_log.write(f"[{int(f['level'])}] {f['message']}\n")
+
+    def _call(self, op: int, timeout: float | None = 30, **fields):
+        try:
+            return self.client.call(op, timeout=timeout, **fields)
+        except PortalRefused as e:
+            raise CoreRefused(f"core refused {op.name}: {e}") from None
+        except (PortalClosed, PortalTimeout, OSError) as e:
+            raise CoreRefused(f"core unreachable during {op.name}: {e}") from None
+        except EncodeError as e:
+            raise CoreRefused(f"{op.name} not sent: {e}") from None
+        except PortalError as e:
+            raise CoreRefused(f"core sent a malformed reply to {op.name}: {e}") from None
+
+    def hello(self) -> dict:
+        try:
+            return self.client.hello(timeout=10)
+        except PortalRefused as e:
+            raise CoreRefused(f"core refused HELLO: {e}") from None
+        except (PortalClosed, PortalTimeout, OSError) as e:
+            raise CoreRefused(f"core unreachable: {e}") from None
+
+    def load_image(self, data: bytes) -> None:
+        total = len(data)
+        for off in range(0, total, IMAGE_CHUNK):
+            self._call(Op.LOAD_IMAGE, kind=P.ImageKind(1), offset=off, total=total,
+                       data=data[off:off + IMAGE_CHUNK])
+
+    def configure(self, memory_mib: int, vcpus: int, entry: int, flags: int, cmdline: str) -> None:
+        self._call(Op.CONFIGURE, timeout=120, memory_mib=memory_mib, vcpus=vcpus,
+                   entry=P.EntryMode(entry), flags=flags, cmdline=cmdline)
+
+    def start(self) -> None:
+        self._call(Op.START)
+
+    def pause(self) -> None:
+        self._call(Op.PAUSE)
+
+    def resume(self) -> None:
+        self._call(Op.RESUME)
+
+    def stop(self) -> None:
+        self._call(Op.STOP)
+
+    def query(self) -> dict:
+        return self._call(Op.QUERY)
+
+    def console_input(self, data: bytes) -> None:
+        self._call(Op.CONSOLE_INPUT, data=data)
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait for the core to hang up (it exits after answering STOP)."""
+        deadline = threading.Event()
+        for _ in range(int(timeout / 0.05)):
+            if self.client.closed:
+                return True
+            deadline.wait(0.05)
+        return self.client.closed
+
+    def close(self) -> None:
+        self.client.close(timeout=1)
+        for f in (self._console, self._core_log):
+            if f is not None:
+                f.close()

@@ -1,0 +1,225 @@
+"""VM lifecycle in the host daemon: records on disk, one portal link per core.
+
+The manager asks the launcher for a core, sends it the image (read with the
+daemon's own permissions, so the daemon cannot make the root launcher read a
+file for it) and the configuration, and from then on only relays lifecycle
+requests and console bytes.  On start-up it re-attaches to every core that is
+still running, so a daemon crash never loses a VM.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from ..launcher.protocol import (FLAG_INSECURE_SAME_UID, OP_SPAWN, REPLY_SIZE, STATUS_OK,
+                                 decode_reply, encode_request, recv_with_fd)
+from .corelink import CoreLink, CoreRefused
+from .records import RecordStore, VmRecord, new_vm_id
+
+log = logging.getLogger("sealvm.host")
+MAX_IMAGE = 1 << 30
+CONSOLE_READ_MAX = 1 << 20
+ENTRY_CODES = {"pvh": 1, "long": 2}
+
+
+class UnknownVm(KeyError):
+    def __str__(self) -> str:
+        return f"no VM named {self.args[0]!r}"
+
+
+class WrongState(Exception):
+    pass
+
+
+class LauncherClient:
+    """The daemon's end of the launcher channel (SOCK_SEQPACKET)."""
+
+    def __init__(self, sock: socket.socket, insecure: bool = False):
+        self.sock = sock
+        self.insecure = insecure
+        self._lock = threading.Lock()
+
+    def spawn(self, vm_id: str, memory_mib: int) -> tuple[int, int, str, socket.socket]:
+        flags = FLAG_INSECURE_SAME_UID if self.insecure else 0
+        with self._lock:
+            self.sock.send(encode_request(OP_SPAWN, vm_id, memory_mib, flags))
+            data, fd = recv_with_fd(self.sock, REPLY_SIZE)
+        status, pid, uid, message = decode_reply(data)
+        if status != STATUS_OK or fd is None:
+            if fd is not None:
+                os.close(fd)
+            raise CoreRefused(f"launcher: {message}")
+        return pid, uid, message, socket.socket(fileno=fd)
+
+
+class VmManager:
+    def __init__(self, state_dir: str, launcher: LauncherClient):
+        self.store = RecordStore(state_dir)
+        self.launcher = launcher
+        self._lock = threading.RLock()
+        self.records: dict[str, VmRecord] = {}
+        self.links: dict[str, CoreLink] = {}
+
+    # ---- start-up ------------------------------------------------------
+    def reattach_all(self) -> None:
+        for rec in self.store.load_all():
+            self.records[rec.id] = rec
+            if rec.state in ("stopped", "lost", "failed") or not rec.socket:
+                continue
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(rec.socket)
+                link = self._link(rec, sock)
+                state = link.query()["state"]
+                self._set_state(rec, link.state_name(state))
+                log.info("re-attached to %s (pid %d, %s)", rec.id, rec.pid, rec.state)
+            except (OSError, CoreRefused) as e:
+                rec.state, rec.stop_reason = "lost", f"core gone while the daemon was away: {e}"
+                self.store.save(rec)
+
+    def _link(self, rec: VmRecord, sock: socket.socket) -> CoreLink:
+        console = self.store.vm_dir(rec.id) / "console.log"
+        link = CoreLink(rec.id, sock, console, on_stopped=self._on_stopped)
+        link.hello()
+        self.links[rec.id] = link
+        return link
+
+    # ---- lifecycle -------------------------------------------------------
+    def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng) -> VmRecord:
+        vm_id = new_vm_id(name)
+        if entry not in ENTRY_CODES:
+            raise ValueError(f"entry must be pvh or long, not {entry!r}")
+        data = self._read_image(image)
+        with self._lock:
+            if vm_id in self.records:
+                raise ValueError(f"a VM named {vm_id!r} exists already")
+            rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng)
+            self.records[vm_id] = rec
+        try:
+            rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib)
+            self.store.save(rec)
+            link = self._link(rec, sock)
+            link.load_image(data)
+            link.configure(memory_mib, vcpus, ENTRY_CODES[entry], 1 if rng else 0, cmdline)
+        except (CoreRefused, OSError) as e:
+            rec.state, rec.stop_reason = "failed", str(e)
+            self.store.save(rec)
+            self._release(vm_id)
+            raise CoreRefused(str(e)) from None
+        self._set_state(rec, "configured")
+        return rec
+
+    def _read_image(self, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_IMAGE + 1)
+        except OSError as e:
+            raise ValueError(f"cannot read image {path}: {e.strerror}") from None
+        if not data or len(data) > MAX_IMAGE:
+            raise ValueError(f"image {path} is empty or larger than 1 GiB")
+        return data
+
+    def _call(self, vm_id: str, method: str, need: tuple[str, ...], new_state: str) -> VmRecord:
+        rec = self.get(vm_id)
+        if rec.state not in need:
+            raise WrongState(f"{vm_id} is {rec.state}; {method} needs {' or '.join(need)}")
+        link = self.links.get(vm_id)
+        if link is None:
+            raise WrongState(f"{vm_id} has no core attached")
+        getattr(link, method)()
+        if rec.state not in ("stopped",):
+            self._set_state(rec, new_state)
+        return rec
+
+    def start(self, vm_id): return self._call(vm_id, "start", ("configured",), "running")
+    def pause(self, vm_id): return self._call(vm_id, "pause", ("running",), "paused")
+    def resume(self, vm_id): return self._call(vm_id, "resume", ("paused",), "running")
+
+    def stop(self, vm_id: str) -> VmRecord:
+        rec = self.get(vm_id)
+        if rec.state in ("stopped", "lost", "failed"):
+            return rec
+        link = self.links.get(vm_id)
+        if link is not None:
+            try:
+                link.stop()
+            except (CoreRefused, OSError):
+                pass
+            link.wait_closed(5)
+        if rec.state != "stopped":
+            rec.stop_reason = rec.stop_reason or "stopped by request"
+        self._set_state(rec, "stopped")
+        self._release(vm_id)
+        return rec
+
+    def delete(self, vm_id: str) -> None:
+        self.stop(vm_id)
+        with self._lock:
+            self.records.pop(vm_id, None)
+        self.store.delete(vm_id)
+
+    def _on_stopped(self, vm_id: str, status: int, reason: str) -> None:
+        rec = self.records.get(vm_id)
+        if rec is None:
+            return
+        rec.exit_status = None if status < 0 else status
+        rec.stop_reason = reason
+        self._set_state(rec, "stopped")
+        # Release the core: it stays up after its guest ends until told to go.
+        threading.Thread(target=self._finish, args=(vm_id,), daemon=True).start()
+
+    def _finish(self, vm_id: str) -> None:
+        link = self.links.get(vm_id)
+        if link is not None:
+            try:
+                link.stop()
+            except (CoreRefused, OSError):
+                pass
+            link.wait_closed(5)
+        self._release(vm_id)
+
+    def _release(self, vm_id: str) -> None:
+        link = self.links.pop(vm_id, None)
+        if link is not None:
+            link.close()
+
+    def _set_state(self, rec: VmRecord, state: str) -> None:
+        rec.state = state
+        self.store.save(rec)
+
+    # ---- queries ---------------------------------------------------------
+    def get(self, vm_id: str) -> VmRecord:
+        rec = self.records.get(vm_id)
+        if rec is None:
+            raise UnknownVm(vm_id)
+        return rec
+
+    def list(self) -> list[VmRecord]:
+        return sorted(self.records.values(), key=lambda r: r.created)
+
+    def console(self, vm_id: str, offset: int = 0) -> bytes:
+        self.get(vm_id)
+        path = self.store.vm_dir(vm_id) / "console.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(CONSOLE_READ_MAX)
+        except FileNotFoundError:
+            return b""
+
+    def console_input(self, vm_id: str, data: bytes) -> None:
+        rec = self.get(vm_id)
+        link = self.links.get(vm_id)
+        if link is None or rec.state not in ("running", "paused"):
+            raise WrongState(f"{vm_id} is {rec.state}")
+        link.console_input(data)
+
+    def logs(self, vm_id: str) -> str:
+        rec = self.get(vm_id)
+        path = self.store.vm_dir(vm_id) / "core.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.created))
+        return f"{when} created {rec.id} pid={rec.pid} uid={rec.uid} state={rec.state}\n{text}"

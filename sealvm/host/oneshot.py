@@ -1,0 +1,122 @@
+"""`sealvm run`: one VM in the foreground, through the same launcher and core as the daemon.
+
+This process plays both roles the daemon splits: it is the launcher (it
+starts the core under a VM uid of its own, so it needs root unless
+--insecure-dev) and then the untrusted host (it only sends the image and the
+configuration over the portal and prints the console bytes the core relays).
+There is no path that runs a guest without a core process.
+
+Exit codes: the guest's status; 125 the VM could not start; 126 it crashed
+(triple fault, KVM internal error); 130 Ctrl-C.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+
+from ..launcher.spawn import LaunchError, spawn_core
+from .corelink import CoreLink, CoreRefused
+
+EXIT_CANNOT_START = 125
+EXIT_VM_CRASHED = 126
+EXIT_INTERRUPTED = 130
+ENTRY_CODES = {"pvh": 1, "long": 2}
+
+
+def _fail(msg: str) -> int:
+    print(f"sealvm: {msg}", file=sys.stderr)
+    return EXIT_CANNOT_START
+
+
+def preflight(insecure: bool) -> str | None:
+    """What this machine cannot do for a sealed VM, or None when it can do it all."""
+    from ..core.sandbox import probe_capabilities
+    missing = [k for k, ok in probe_capabilities().items() if not ok]
+    if not missing or insecure:
+        if missing:
+            print(f"sealvm: WARNING --insecure-dev: running without {', '.join(missing)}",
+                  file=sys.stderr)
+        return None
+    return (f"this machine cannot {', '.join(missing)}; refusing to run a VM without those "
+            "defences (pass --insecure-dev to run anyway, for development only)")
+
+
+def run_oneshot(args) -> int:
+    problem = preflight(args.insecure_dev)
+    if problem:
+        return _fail(problem)
+    try:
+        with open(args.guest, "rb") as f:
+            image = f.read((1 << 30) + 1)
+    except OSError as e:
+        return _fail(f"cannot read {args.guest}: {e.strerror}")
+    if not image or len(image) > 1 << 30:
+        return _fail(f"{args.guest} is empty or larger than 1 GiB")
+    memory_mib = args.memory >> 20
+    if args.memory % (1 << 20) or not 2 <= memory_mib <= 65536:
+        return _fail(f"memory size must be a whole number of MiB between 2M and 64G, "
+                     f"not {args.memory} bytes")
+    console_fd = 1
+    if args.console_log:
+        try:
+            console_fd = os.open(args.console_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as e:
+            return _fail(f"cannot open console log {args.console_log}: {e.strerror}")
+    run_dir = tempfile.mkdtemp(prefix="sealvm-run-")
+    os.chmod(run_dir, 0o711)
+    handle = None
+    try:
+        try:
+            handle = spawn_core(f"run-{os.getpid()}", memory_mib=memory_mib, run_dir=run_dir,
+                                host_uid=os.getuid(), insecure_same_uid=os.geteuid() != 0)
+        except LaunchError as e:
+            return _fail(str(e))
+        return _drive(handle, image, memory_mib, args, console_fd)
+    finally:
+        if handle is not None:
+            try:
+                handle.process.wait(10)
+            except Exception:
+                handle.process.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if console_fd != 1:
+            os.close(console_fd)
+
+
+def _drive(handle, image: bytes, memory_mib: int, args, console_fd: int) -> int:
+    stopped = threading.Event()
+    link = CoreLink(handle.vm_id, handle.portal, None,
+                    on_stopped=lambda *_: stopped.set(),
+                    on_console=lambda data: os.write(console_fd, data))
+    try:
+        try:
+            link.hello()
+            link.load_image(image)
+            link.configure(memory_mib, args.vcpus, ENTRY_CODES[args.entry],
+                           0 if args.no_rng else 1, args.cmdline)
+            link.start()
+        except CoreRefused as e:
+            return _fail(str(e))
+        try:
+            while not stopped.wait(0.5):
+                if link.client.closed:
+                    print("sealvm: the core went away", file=sys.stderr)
+                    return EXIT_VM_CRASHED
+        except KeyboardInterrupt:
+            print("\nsealvm: stopped (Ctrl-C)", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        status, reason = link.stopped
+        if status < 0:
+            print(f"sealvm: VM stopped: {reason}", file=sys.stderr)
+            return EXIT_VM_CRASHED
+        return status & 0xFF
+    finally:
+        try:
+            link.stop()
+        except CoreRefused:
+            pass
+        link.wait_closed(5)
+        link.close()
