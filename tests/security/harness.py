@@ -65,6 +65,15 @@ class SealedCore:
             f.seek(addr + 0x200000)
             return f.read(16)
 
+    def reattach(self) -> None:
+        """Connect afresh as the host (a newer HELLO elsewhere drops the old connection)."""
+        import socket
+        self.link.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.handle.socket_path)
+        self.link = CoreLink(self.handle.vm_id, sock, None, on_console=self._on_console)
+        self.link.hello()
+
     def close(self) -> None:
         try:
             self.link.stop()
@@ -105,6 +114,7 @@ def start_core(guest: str = "canary", cmdline: str = "mib=4 secs=60", *,
         core.console += data
         if ready.encode() in core.console:
             seen.set()
+    core._on_console = on_console
     core.link = CoreLink(h.vm_id, h.portal, None, on_console=on_console)
     core.link.hello()
     core.link.load_image(guest_image(guest).read_bytes())
