@@ -44,10 +44,18 @@ bench: deps venv guests
 	$(PY) -m bench.run_all
 
 tcb: deps venv guests
-	$(PY) -m sealvm.tools.tcb
+	$(PY) -m sealvm.tools.tcb --check --json bench/results/tcb.json
 
 security: deps venv guests
 	$(PY) -m pytest -q tests/security
+
+# Coverage-guided fuzzing of the two parsers that read untrusted bytes: the
+# core's portal decoder and the root launcher's request parser.
+FUZZ_RUNS ?= 200000
+fuzz: venv
+	$(PY) -m pip install -q --disable-pip-version-check atheris || echo "atheris unavailable: using the random mutator"
+	$(PY) fuzz/portal_fuzz.py -atheris_runs=$(FUZZ_RUNS)
+	$(PY) fuzz/launcher_fuzz.py -atheris_runs=$(FUZZ_RUNS)
 
 clean:
 	$(MAKE) -s -C guests clean
