@@ -28,8 +28,14 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt | $(STAMPS)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+# Bytecode for the core, checked against its source hash on every import (so a
+# stale or swapped .pyc is never run); the core itself never writes any (-B).
+$(STAMPS)/pyc: $(STAMPS)/venv $(shell find sealvm -name '*.py')
+	$(PY) -m compileall -q --invalidation-mode checked-hash sealvm
+	@touch $@
+
 deps: $(STAMPS)/apt
-venv: $(STAMPS)/venv
+venv: $(STAMPS)/venv $(STAMPS)/pyc
 
 guests: $(STAMPS)/apt
 	$(MAKE) -s -C guests

@@ -75,9 +75,14 @@ def check_vm_id(vm_id: str) -> str:
     return vm_id
 
 
+CORE_ENTRY = Path(__file__).resolve().parents[1] / "core" / "entry.py"
+
+
 def core_command(python: str = sys.executable) -> list[str]:
-    # -I: ignore PYTHON* env vars and user site; -B: write no bytecode.
-    return [python, "-I", "-B", "-m", "sealvm.core.main"]
+    # -I: no PYTHON* variables, no user site; -S: no site module, so no .pth file
+    # runs; -B: write no bytecode (the checked-hash .pyc files built at install
+    # are verified against their source on every import).
+    return [python, "-I", "-S", "-B", str(CORE_ENTRY)]
 
 
 def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_uid: int,
