@@ -82,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="populate all guest RAM on the host before the guest starts "
                         "(MADV_POPULATE_WRITE): the guest's first touch of a page gets several "
                         "times cheaper, but start-up takes longer (about 1 ms per MiB with 4 KiB "
-                        "pages) and all of RAM is resident from the start (default: off)")
+                        "pages) and all of RAM is resident from the start (default: off). "
+                        "Not yet carried to the VM's core process: refused for now")
     r.add_argument("--hugepages", choices=("thp", "hugetlb"), default=None,
                    help="back guest RAM with 2 MiB pages: 'thp' = transparent huge pages (the "
                         "host must allow them for shared memory: "
                         "/sys/kernel/mm/transparent_hugepage/shmem_enabled = advise, within_size "
                         "or always), 'hugetlb' = the reserved pool (vm.nr_hugepages); the VM "
-                        "does not start if the host cannot provide them (default: off)")
+                        "does not start if the host cannot provide them (default: off). Not "
+                        "yet carried to the VM's core process: refused for now")
     r.add_argument("--bench-sinks", action="store_true", help=argparse.SUPPRESS)
 
     h = sub.add_parser(
@@ -119,8 +121,14 @@ def _uid_range(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "run":
+        if args.prefault or args.hugepages:
+            # GuestMemory.create and MachineConfig.ram support them; the portal's
+            # CONFIGURE request does not carry them to the core yet.
+            parser.error("--prefault/--hugepages: the VM's core process does not take RAM "
+                         "options yet")
         from .host.oneshot import run_oneshot
         return run_oneshot(args)
     if args.command == "hostd":

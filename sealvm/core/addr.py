@@ -78,7 +78,3 @@ EXIT_PORT = 0xF4
 
 DEFAULT_MEMORY = 256 * MiB
 MIN_MEMORY = 2 * MiB
-
-
-def page_align_up(n: int) -> int:
-    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)

@@ -57,9 +57,6 @@ class Bus:
                 return r
         return None
 
-    def ranges(self) -> list[Range]:
-        return list(self._ranges)
-
     def read(self, addr: int, size: int) -> int:
         r = self.find(addr)
         if r is None:

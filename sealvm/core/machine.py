@@ -38,7 +38,7 @@ class MachineError(Exception):
 
 @dataclass
 class MachineConfig:
-    image: str | bytes
+    image: bytes
     memory: int = DEFAULT_MEMORY
     vcpus: int = 1
     cmdline: str = ""

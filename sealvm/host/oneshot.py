@@ -33,7 +33,7 @@ def _fail(msg: str) -> int:
 
 def preflight(insecure: bool) -> str | None:
     """What this machine cannot do for a sealed VM, or None when it can do it all."""
-    from ..core.sandbox import probe_capabilities
+    from ..core.sandbox.probe import probe_capabilities
     missing = [k for k, ok in probe_capabilities().items() if not ok]
     if not missing or insecure:
         if missing:

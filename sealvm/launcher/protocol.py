@@ -51,6 +51,8 @@ def parse_request(data: bytes) -> Request:
     if r1 or r2 or any(r3):
         raise LaunchError("reserved fields must be zero")
     if op == OP_PING:
+        if flags or memory_mib or any(raw_id):
+            raise LaunchError("PING carries no fields")
         return Request(op, "", 0, 0)
     if op != OP_SPAWN:
         raise LaunchError(f"unknown op {op}")

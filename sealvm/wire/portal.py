@@ -7,18 +7,18 @@ specification):
     magic u16 0x5356 | version u8 1 | kind u8 | op u16 | flags u16 (0)
     seq u32 | length u32 (<= MAX_PAYLOAD) | cap 16 bytes
 
-This module is the codec: `encode_request/encode_reply/encode_event` build
-frames, `decode_header` checks a header, `decode_payload` (core side, requests
-only) and `decode_response` (host side, replies and events) check a payload
-against the op's schema from `OPS`.  `check_capability` compares the header's
+This module is the core's codec: `encode_reply/encode_event` build frames,
+`decode_header` checks a header, `decode_payload` (requests only) checks a
+payload against the op's schema from `OPS`.  `check_capability` compares the header's
 capability with the tokens the core handed out.  Every failure is a
 `PortalError` whose `status` is the refusal the core should send; `fatal`
 errors mean the stream cannot be framed any more (reply, then close the
 connection; the VM keeps running).
 
-`FrameReader`, `FrameSender` and `send_frame` (portal_io) and `PortalClient`
-(portal_client, host side) are importable from here too; they load on first
-use so the core never imports the client.
+`FrameReader` (portal_io) and the host side's `encode_request`,
+`decode_response`, `decode_frame`, `FrameSender` and `PortalClient`
+(portal_client) are importable from here too; they load on first use, so the
+core never imports the host's half.
 """
 from __future__ import annotations
 
@@ -27,25 +27,15 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .portal_ops import (CAP_VM, CONFIG_FLAG_RNG, EVENT_OPS, EVENTS, HEADER_SIZE, MAGIC,
+from .portal_ops import (CAP_VM, CONFIG_FLAG_RNG, EVENT_OPS, EVENTS, HEADER_SIZE, MAGIC,  # noqa: F401
                          MAX_MESSAGE, MAX_PAYLOAD, MAX_REFUSAL, OPS, REPLY_PREFIX, REQUEST_OPS,
                          VERSION, EntryMode, ImageKind, Kind, LogLevel, Op, OpSpec, VmState,
                          op_name)
-from .portal_schema import (TOKEN_SIZE, EncodeError, PortalError, Status, decode_fields,
-                            decode_some, encode_fields, expect_end)
-
-__all__ = [
-    "CAP_VM", "CONFIG_FLAG_RNG", "EVENT_OPS", "EVENTS", "HEADER_SIZE", "MAGIC", "MAX_MESSAGE",
-    "MAX_PAYLOAD", "OP", "OPS", "REQUEST_OPS", "STATUS", "VERSION", "ZERO_CAP", "EncodeError",
-    "EntryMode", "Header", "ImageKind", "Kind", "LogLevel", "Message", "Op", "OpSpec",
-    "PortalError", "Status", "VmState", "check_capability", "clip_message", "decode_frame",
-    "decode_header", "decode_payload", "decode_response", "encode_event", "encode_reply",
-    "encode_request", "op_name", "pack_header",
-]   # plus, loaded on first use (see _LAZY): FrameReader, FrameSender, PortalClient, ...
+from .portal_schema import (TOKEN_SIZE, EncodeError, PortalError, Status, decode_fields,  # noqa: F401
+                            encode_fields)
 
 OP = Op                        # P.OP.START, P.STATUS.OK read naturally at call sites
 STATUS = Status
-PROTOCOL_VERSION = VERSION
 ZERO_CAP = bytes(TOKEN_SIZE)
 
 _HEADER = struct.Struct("<HBBHHII16s")
@@ -157,31 +147,18 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
     return Header(k, op, seq, length, cap, flags, version)
 
 
-def _decode(header: Header, payload: bytes | bytearray | memoryview) -> Message:
+def decode_fields_of(header: Header, payload: bytes | bytearray | memoryview) -> Message:
+    """Decode a REQUEST or EVENT payload against its op's schema and cross-field check."""
     try:
-        kind = _check_header(header.kind, header.op, header.flags, header.seq, header.length,
-                             header.cap, header.version)
+        _check_header(header.kind, header.op, header.flags, header.seq, header.length,
+                      header.cap, header.version)
         if len(payload) != header.length:
             raise PortalError(Status.MALFORMED,
                               f"payload of {len(payload)} bytes, header says {header.length}")
-        spec = OPS.get(header.op)
-        if kind is not Kind.REPLY:
-            fields = decode_fields(spec.fields, payload)  # type: ignore[union-attr]
-            if spec.check is not None:                    # type: ignore[union-attr]
-                spec.check(fields)                        # type: ignore[union-attr]
-            return Message(header, fields)
-        mv = memoryview(payload).cast("B")
-        fields = {}
-        pos = decode_some(REPLY_PREFIX, mv, 0, fields)
-        if fields["status"] is Status.OK:
-            if spec is None:
-                raise PortalError(Status.UNKNOWN_OP, f"OK reply to unknown op {header.op:#x}")
-            pos = decode_some(spec.reply, mv, pos, fields)
-            expect_end(mv, pos)
-            if spec.check_reply is not None:
-                spec.check_reply(fields)
-        else:
-            expect_end(mv, pos)
+        spec = OPS[header.op]              # _check_header refused unknown request/event ops
+        fields = decode_fields(spec.fields, payload)
+        if spec.check is not None:
+            spec.check(fields)
         return Message(header, fields)
     except PortalError as e:
         e.seq, e.op = header.seq, header.op
@@ -193,22 +170,7 @@ def decode_payload(header: Header, payload: bytes | bytearray | memoryview) -> M
     if header.kind != Kind.REQUEST:
         raise PortalError(Status.BAD_KIND, f"the core accepts only requests, got kind "
                           f"{header.kind}", seq=header.seq, op=header.op)
-    return _decode(header, payload)
-
-
-def decode_response(header: Header, payload: bytes | bytearray | memoryview) -> Message:
-    """Host side: decode a REPLY or EVENT payload (a REQUEST is refused with BAD_KIND)."""
-    if header.kind == Kind.REQUEST:
-        raise PortalError(Status.BAD_KIND, "the host accepts only replies and events",
-                          seq=header.seq, op=header.op)
-    return _decode(header, payload)
-
-
-def decode_frame(data: bytes | bytearray | memoryview, *, core_side: bool = True) -> Message:
-    """Decode one whole frame held in memory (tests, fuzzing, small tools)."""
-    header = decode_header(memoryview(data)[:HEADER_SIZE])
-    payload = memoryview(data)[HEADER_SIZE:]
-    return (decode_payload if core_side else decode_response)(header, payload)
+    return decode_fields_of(header, payload)
 
 
 def check_capability(header: Header, held: Mapping[str, bytes | None]) -> None:
@@ -263,20 +225,6 @@ def _frame(kind: Kind, op: int, seq: int, cap: bytes, payload: bytes) -> bytes:
     return pack_header(kind, op, seq, len(payload), cap) + payload
 
 
-def encode_request(op: int, seq: int, cap: bytes | None, **fields: Any) -> bytes:
-    """A host -> core request; `cap` None means all zeros (HELLO)."""
-    spec = _spec(op, Kind.REQUEST)
-    _u(seq, 32, "seq")
-    cap = ZERO_CAP if cap is None else cap
-    if not isinstance(cap, (bytes, bytearray)) or len(cap) != TOKEN_SIZE:
-        raise EncodeError(f"cap must be {TOKEN_SIZE} bytes")
-    if spec.cap is None and any(cap):
-        raise EncodeError(f"{spec.name} must carry a zero capability")
-    payload = encode_fields(spec.fields, fields)
-    _run_check(spec.check, fields)
-    return _frame(Kind.REQUEST, spec.number, seq, bytes(cap), payload)
-
-
 def encode_reply(op: int, seq: int, status: Status | int, message: str = "",
                  **fields: Any) -> bytes:
     """A core -> host reply echoing `op` and `seq`.
@@ -295,7 +243,6 @@ def encode_reply(op: int, seq: int, status: Status | int, message: str = "",
     if status is Status.OK:
         spec = _spec(op, Kind.REQUEST)
         payload = encode_fields(REPLY_PREFIX, head) + encode_fields(spec.reply, fields)
-        _run_check(spec.check_reply, fields)
     else:
         if fields:
             raise EncodeError(f"a refusal carries no fields, got {sorted(fields)}")
@@ -315,15 +262,16 @@ def encode_event(op: int, **fields: Any) -> bytes:
 
 
 _LAZY = {
-    "Frame": "portal_io", "FrameReader": "portal_io", "FrameSender": "portal_io",
-    "TruncatedFrame": "portal_io", "send_frame": "portal_io",
+    "Frame": "portal_io", "FrameReader": "portal_io", "TruncatedFrame": "portal_io",
+    "encode_request": "portal_client", "decode_response": "portal_client",
+    "decode_frame": "portal_client", "FrameSender": "portal_client", "send_frame": "portal_client",
     "PortalClient": "portal_client", "PortalClosed": "portal_client",
     "PortalRefused": "portal_client", "PortalTimeout": "portal_client",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """Load the socket helpers and the host-side client only when asked for."""
+    """Load the frame reader and the host's half only when asked for."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,9 @@ closed or broken portal raises `PortalClosed` in every waiting and later
 call.  The host does not trust what it reads either: replies and events go
 through `decode_response`, and a malformed one fails only the call it answers.
 
-This module is host code that happens to live next to the codec; the core
-never imports it.
+This module is host code that happens to live next to the codec, with the
+host's half of it (`encode_request`, `decode_response`, `decode_frame`,
+`FrameSender`); the core never imports it.
 """
 from __future__ import annotations
 
@@ -29,13 +30,99 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .portal import (VERSION, ZERO_CAP, Kind, Message, Op, OPS, Status, decode_response,
-                     encode_request, op_name)
-from .portal_io import FrameReader, FrameSender
-from .portal_schema import PortalError
+from .portal import (HEADER_SIZE, REPLY_PREFIX, TOKEN_SIZE, VERSION, ZERO_CAP, EncodeError, Header, Kind,
+                     Message, Op, OPS, Status, _check_header, _frame, _run_check, _spec, _u, decode_fields_of,
+                     decode_header, decode_payload, encode_fields, op_name)
+from .portal_io import FrameReader
+from .portal_schema import PortalError, decode_some, expect_end
 
 DEFAULT_TIMEOUT = 30.0
 _RESERVED = ("status", "message")
+
+
+def encode_request(op: int, seq: int, cap: bytes | None, **fields: Any) -> bytes:
+    """A host -> core request; `cap` None means all zeros (HELLO)."""
+    spec = _spec(op, Kind.REQUEST)
+    _u(seq, 32, "seq")
+    cap = ZERO_CAP if cap is None else cap
+    if not isinstance(cap, (bytes, bytearray)) or len(cap) != TOKEN_SIZE:
+        raise EncodeError(f"cap must be {TOKEN_SIZE} bytes")
+    if spec.cap is None and any(cap):
+        raise EncodeError(f"{spec.name} must carry a zero capability")
+    payload = encode_fields(spec.fields, fields)
+    _run_check(spec.check, fields)
+    return _frame(Kind.REQUEST, spec.number, seq, bytes(cap), payload)
+
+
+def decode_response(header: Header, payload: bytes | bytearray | memoryview) -> Message:
+    """Host side: decode a REPLY or EVENT payload (a REQUEST is refused with BAD_KIND)."""
+    if header.kind == Kind.REQUEST:
+        raise PortalError(Status.BAD_KIND, "the host accepts only replies and events",
+                          seq=header.seq, op=header.op)
+    if header.kind == Kind.EVENT:
+        return decode_fields_of(header, payload)
+    try:
+        _check_header(header.kind, header.op, header.flags, header.seq, header.length,
+                      header.cap, header.version)
+        if len(payload) != header.length:
+            raise PortalError(Status.MALFORMED,
+                              f"payload of {len(payload)} bytes, header says {header.length}")
+        mv = memoryview(payload).cast("B")
+        fields: dict[str, Any] = {}
+        pos = decode_some(REPLY_PREFIX, mv, 0, fields)
+        if fields["status"] is Status.OK:
+            spec = OPS.get(header.op)
+            if spec is None:
+                raise PortalError(Status.UNKNOWN_OP, f"OK reply to unknown op {header.op:#x}")
+            pos = decode_some(spec.reply, mv, pos, fields)
+            if header.op == Op.HELLO and not any(fields["vm_token"]):
+                raise PortalError(Status.MALFORMED, "HELLO reply carries an all-zero vm_token")
+        expect_end(mv, pos)
+        return Message(header, fields)
+    except PortalError as e:
+        e.seq, e.op = header.seq, header.op
+        raise
+
+
+def decode_frame(data: bytes | bytearray | memoryview, *, core_side: bool = True) -> Message:
+    """Decode one whole frame held in memory (tests, fuzzing, small tools)."""
+    header = decode_header(memoryview(data)[:HEADER_SIZE])
+    payload = memoryview(data)[HEADER_SIZE:]
+    return (decode_payload if core_side else decode_response)(header, payload)
+
+
+def send_frame(sock, frame: bytes) -> None:
+    """Write one whole frame (sendall retries EINTR and short writes)."""
+    sock.sendall(frame)
+
+
+class FrameSender:
+    """Serialised, all-or-nothing frame writes shared by several threads.
+
+    Once a send failed part-way it refuses every later one: a half-written
+    frame has already broken the stream.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._broken: BaseException | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    def send(self, frame: bytes) -> None:
+        """Send `frame` whole; raises BrokenPipeError once any send failed part-way."""
+        with self._lock:
+            if self._broken is not None:
+                raise BrokenPipeError(f"portal stream broken by an earlier failed send: "
+                                      f"{self._broken}")
+            try:
+                send_frame(self._sock, frame)
+            except BaseException as e:
+                self._broken = e
+                raise
 
 
 class PortalRefused(Exception):

@@ -21,17 +21,12 @@ What it raises:
   timeout (`TimeoutError`, `BlockingIOError`) leaves the reader's state
   intact, so calling `read()` again resumes the same frame.
 
-`send_frame` writes one frame with `sendall`.  `FrameSender` serialises
-writers with a lock (replies come from the portal thread, events from vCPU
-threads) and, once a send failed part-way, refuses every later one: a
-half-written frame has already broken the stream.  A host that stops reading
-makes senders block, which stalls only its own VM; the core should give its
-socket a send timeout.
+Writing frames is the host's business (`portal_client.FrameSender`); the core
+sends whole frames with `sendall` under its own lock.
 """
 from __future__ import annotations
 
 import struct
-import threading
 from typing import Callable, NamedTuple, Protocol
 
 from .portal import HEADER_SIZE, Header, decode_header
@@ -140,33 +135,3 @@ class FrameReader:
         if error is not None:
             raise error
         return Frame(header, bytes(body))  # type: ignore[arg-type]
-
-
-def send_frame(sock, frame: bytes) -> None:
-    """Write one whole frame (sendall retries EINTR and short writes)."""
-    sock.sendall(frame)
-
-
-class FrameSender:
-    """Serialised, all-or-nothing frame writes shared by several threads."""
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._lock = threading.Lock()
-        self._broken: BaseException | None = None
-
-    @property
-    def broken(self) -> bool:
-        return self._broken is not None
-
-    def send(self, frame: bytes) -> None:
-        """Send `frame` whole; raises BrokenPipeError once any send failed part-way."""
-        with self._lock:
-            if self._broken is not None:
-                raise BrokenPipeError(f"portal stream broken by an earlier failed send: "
-                                      f"{self._broken}")
-            try:
-                send_frame(self._sock, frame)
-            except BaseException as e:
-                self._broken = e
-                raise

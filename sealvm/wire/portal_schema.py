@@ -61,10 +61,6 @@ class PortalError(Exception):
         self.op = op
         self.fatal = fatal
 
-    @property
-    def status_name(self) -> str:
-        return self.status.name
-
     def __repr__(self) -> str:
         return f"PortalError({self.status.name}, {self.message!r}, seq={self.seq}, op={self.op})"
 
@@ -247,10 +243,6 @@ class Enum:
     @property
     def max_size(self) -> int:
         return self._int.max_size
-
-    @property
-    def allowed(self) -> frozenset[int]:
-        return self._allowed
 
     def decode(self, mv: memoryview, pos: int) -> tuple[enum.IntEnum, int]:
         value, pos = self._int.decode(mv, pos)

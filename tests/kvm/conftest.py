@@ -6,7 +6,6 @@ import struct
 
 import pytest
 
-from sealvm.core.kvm import ioctls as K
 from sealvm.core.kvm.api import Kvm
 from sealvm.core.memory import GuestMemory
 
@@ -65,16 +64,12 @@ def enter_long_mode(vcpu, cpl: int = 0) -> None:
 class Guest:
     """One VM with a memfd RAM slot at GPA 0, one vCPU in long mode, `code` at CODE_GPA."""
 
-    def __init__(self, kvm: Kvm, code: bytes, *, dirty_log: bool = False, irqchip: bool = False,
-                 cpl: int = 0):
+    def __init__(self, kvm: Kvm, code: bytes, *, cpl: int = 0):
         self.kvm = kvm
         self.vm = kvm.create_vm()
         self.mem = GuestMemory.create(RAM_SIZE, "sealvm-test-ram")
         self.vcpu = None
-        if irqchip:
-            self.vm.create_irqchip()
-        flags = K.KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0
-        self.vm.set_user_memory_region(0, flags, 0, RAM_SIZE, self.mem.host_address())
+        self.vm.set_user_memory_region(0, 0, 0, RAM_SIZE, self.mem.host_address())
         identity_map_4g(self.mem)
         self.mem.write(CODE_GPA, code)
         self.vcpu = self.vm.create_vcpu(0)
@@ -94,7 +89,7 @@ class Guest:
 
 @pytest.fixture
 def guest(kvm):
-    """Factory: guest(code, dirty_log=False, irqchip=False, cpl=0) -> Guest (closed after)."""
+    """Factory: guest(code, cpl=0) -> Guest (closed after)."""
     made: list[Guest] = []
 
     def make(code: bytes, **kw) -> Guest:

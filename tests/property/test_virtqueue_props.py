@@ -25,8 +25,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sealvm.core.addr import MiB, VIRTIO_MMIO_BASE
-from sealvm.core.devices.virtio import (InvalidChainError, MmioTransport, QueueBrokenError,
-                                        VirtioRng, Virtqueue)
+from sealvm.core.devices.virtio.chain import InvalidChainError, QueueBrokenError
+from sealvm.core.devices.virtio.mmio import MmioTransport
+from sealvm.core.devices.virtio.queue import Virtqueue
+from sealvm.core.devices.virtio.rng import VirtioRng
 from sealvm.core.devices.virtio import mmio as M
 from sealvm.core.devices.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
                                                VIRTIO_F_VERSION_1)

@@ -67,6 +67,22 @@ def test_op_table_is_small_numbered_and_complete():
     assert Status.BAD_KIND == Status.UNKNOWN_OP and Status.MALFORMED == Status.OUT_OF_RANGE
 
 
+def test_op_table_is_well_formed():
+    """What portal_ops promises of its table: unique numbers and names, no reserved field names."""
+    from sealvm.wire.portal_ops import _SPECS
+    assert len(OPS) == len(_SPECS), "two specs share an op number"
+    for spec in _SPECS:
+        assert 0 < spec.number <= 0xFFFF and spec.name == Op(spec.number).name
+        names = [f.name for f in spec.fields]
+        reply_names = [f.name for f in spec.reply]
+        assert len(set(names)) == len(names) and len(set(reply_names)) == len(reply_names)
+        reserved = {"op"} if spec.kind is Kind.EVENT else {"op", "seq", "cap", "timeout"}
+        assert not reserved & set(names), f"{spec.name} uses a reserved field name"
+        assert not {"op", "seq", "status", "message"} & set(reply_names), spec.name
+        if spec.kind is Kind.EVENT:
+            assert spec.cap is None and not spec.reply, spec.name
+
+
 def test_header_layout():
     raw = P.encode_request(Op.START, 0x01020304, TOKEN)
     assert len(raw) == HEADER_SIZE
@@ -306,7 +322,6 @@ def test_check_capability():
     lambda: P.encode_request(0x55, 1, TOKEN),
     lambda: P.encode_reply(Op.START, 1, Status.OK, extra=1),
     lambda: P.encode_reply(Op.QUERY, 1, Status.FAILED, "x", state=1),
-    lambda: P.encode_reply(Op.HELLO, 1, Status.OK, core_version=1, vm_token=bytes(16), state=0),
     lambda: P.encode_reply(Op.START, 1, 99),
     lambda: P.encode_reply(Op.LOG, 1, Status.FAILED),
     lambda: P.encode_event(Op.START),
@@ -328,3 +343,8 @@ def test_docs_list_every_op_with_its_number_and_capability():
             assert f"| {spec.cap or 'none'}" in row
         for f in spec.fields:
             assert f"`{f.name} " in row, f"{spec.name}.{f.name} missing from docs/portal.md"
+
+
+def test_host_refuses_a_hello_reply_with_an_all_zero_token():
+    frame = P.encode_reply(Op.HELLO, 1, Status.OK, core_version=1, vm_token=bytes(16), state=0)
+    assert refused(frame, core_side=False).status is Status.MALFORMED

@@ -18,8 +18,8 @@ import pytest
 
 from sealvm.wire import portal as P
 from sealvm.wire.portal import Kind, Op, PortalError, Status
-from sealvm.wire.portal_client import PortalClient, PortalClosed, PortalRefused, PortalTimeout
-from sealvm.wire.portal_io import FrameReader, FrameSender
+from sealvm.wire.portal_client import FrameSender, PortalClient, PortalClosed, PortalRefused, PortalTimeout
+from sealvm.wire.portal_io import FrameReader
 
 
 class FakeCore:

@@ -15,7 +15,8 @@ import pytest
 
 from sealvm.wire import portal as P
 from sealvm.wire.portal import HEADER_SIZE, MAX_PAYLOAD, Kind, Op, PortalError, Status
-from sealvm.wire.portal_io import FrameReader, FrameSender, TruncatedFrame, send_frame
+from sealvm.wire.portal_client import FrameSender, send_frame
+from sealvm.wire.portal_io import FrameReader, TruncatedFrame
 
 TOKEN = bytes(range(1, 17))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import struct
 
 from sealvm.core.addr import MiB
-from sealvm.core.devices.virtio import MmioTransport, VirtioRng
+from sealvm.core.devices.virtio.mmio import MmioTransport
+from sealvm.core.devices.virtio.rng import VirtioRng
 from sealvm.core.devices.virtio import mmio as M
 from sealvm.core.devices.virtio.chain import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
                                               VIRTQ_DESC_F_WRITE)

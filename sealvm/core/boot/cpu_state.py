@@ -188,14 +188,3 @@ def write_long_mode_tables(memory: GuestMemory) -> tuple[int, Dtable]:
         memory.write(gpa, blob)
     memory.write(LONG_GDT_GPA, gdt_bytes(CODE64))
     return int(PML4_GPA), LONG_GDT
-
-
-def long_mode_entry(memory: GuestMemory, entry: int, start_info: int) -> CpuState:
-    """Write page tables and GDT, and return the direct long-mode entry state."""
-    cr3, gdt = write_long_mode_tables(memory)
-    return long_mode_state(entry, start_info, cr3=cr3, gdt=gdt)
-
-
-def pvh_entry(memory: GuestMemory, entry: int, start_info: int) -> CpuState:
-    """Write the 32-bit GDT and return the PVH entry state."""
-    return pvh_entry_state(entry, start_info, write_pvh_gdt(memory))

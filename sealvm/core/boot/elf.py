@@ -42,7 +42,7 @@ ET_EXEC = 2
 EM_X86_64 = 62
 PT_LOAD, PT_NOTE = 1, 4
 PN_XNUM = 0xFFFF
-SHT_SYMTAB, SHT_STRTAB, SHT_NOTE, SHT_NOBITS = 2, 3, 7, 8
+SHT_SYMTAB, SHT_STRTAB, SHT_NOBITS = 2, 3, 8
 SHN_UNDEF = 0
 STB_GLOBAL = 1
 STT_SECTION, STT_FILE = 3, 4
@@ -164,19 +164,6 @@ def _parse_notes(blob: bytes, align: int, where: str) -> list[int]:
     return found
 
 
-class _NoteBudget:
-    """Caps the note bytes parsed, so a file with thousands of huge PT_NOTEs cannot stall the loader."""
-
-    def __init__(self) -> None:
-        self.used = 0
-
-    def spend(self, size: int) -> None:
-        self.used += size
-        if self.used > MAX_NOTE_BYTES:
-            raise BadImageError(f"the image's notes total more than {MAX_NOTE_BYTES} bytes; "
-                                "a PVH image needs only a few")
-
-
 def _read_sections(data: bytes, shoff: int, shentsize: int, shnum: int) -> list[tuple]:
     if shnum == 0:
         if shoff != 0:
@@ -269,7 +256,7 @@ def parse_elf(data: bytes, max_size: int = MAX_IMAGE_SIZE) -> ElfImage:
     view = memoryview(data)
     segments: list[ElfSegment] = []
     pvh: list[int] = []
-    notes = _NoteBudget()
+    note_bytes = 0      # capped, so thousands of huge PT_NOTEs cannot stall the loader
     for i in range(e_phnum):
         p_type, p_flags, p_offset, vaddr, paddr, filesz, memsz, p_align = _PHDR.unpack_from(
             phdrs, i * _PHDR.size)
@@ -279,7 +266,10 @@ def parse_elf(data: bytes, max_size: int = MAX_IMAGE_SIZE) -> ElfImage:
                 segments.append(ElfSegment(i, GPA(paddr), vaddr, filesz, memsz, p_flags,
                                            view[p_offset:p_offset + filesz]))
         elif p_type == PT_NOTE:
-            notes.spend(filesz)
+            note_bytes += filesz
+            if note_bytes > MAX_NOTE_BYTES:
+                raise BadImageError(f"the image's notes total more than {MAX_NOTE_BYTES} bytes; "
+                                    "a PVH image needs only a few")
             blob = _slice(data, p_offset, filesz, f"note segment {i}")
             pvh += _parse_notes(blob, 8 if p_align == 8 else 4, f"note segment {i}")
     if not segments:
@@ -290,14 +280,7 @@ def parse_elf(data: bytes, max_size: int = MAX_IMAGE_SIZE) -> ElfImage:
         if b.paddr < a.end:
             raise BadImageError(f"{a.describe()} and {b.describe()} overlap")
 
-    sections = _read_sections(data, e_shoff, e_shentsize, e_shnum)
-    if not pvh:     # no PVH note in a PT_NOTE: look for one in the note sections
-        for idx, sh in enumerate(sections):
-            if sh[1] == SHT_NOTE:
-                notes.spend(sh[5])
-                blob = _section_bytes(data, sections, idx, "note section")
-                pvh += _parse_notes(blob, 8 if sh[8] == 8 else 4, f"note section {idx}")
-    symbols = _read_symbols(data, sections)
+    symbols = _read_symbols(data, _read_sections(data, e_shoff, e_shentsize, e_shnum))
 
     pvh_entry: Optional[GPA] = None
     if pvh:

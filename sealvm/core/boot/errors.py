@@ -1,6 +1,6 @@
 """Errors the guest loader raises.
 
-Everything here is the user's fault (a bad image, a missing file, a command line
+Everything here is the user's fault (a bad image, a command line
 that does not fit), never the monitor's: each carries a message meant to be
 printed as-is, and the CLI turns any `BootError` into that message and a
 non-zero exit status instead of a traceback.
@@ -14,10 +14,6 @@ class BootError(ValueError):
 
 class BadImageError(BootError):
     """The guest image is not a loadable ELF64 x86-64 PVH image, or does not fit guest RAM."""
-
-
-class ImageFileError(BootError):
-    """The guest image file is missing, unreadable or not a regular file."""
 
 
 class CmdlineError(BootError):

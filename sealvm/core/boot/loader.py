@@ -1,10 +1,9 @@
 """Load a guest image and plan how its vCPUs start: the one call the VMM makes.
 
-    plan = load_guest("guest.elf", memory, cmdline, entry="pvh", vcpus=2)
+    plan = load_guest(image_bytes, memory, cmdline, entry="pvh", vcpus=2)
     for index, state in enumerate(plan.cpus): ...   # map CpuState onto kvm_regs/sregs
 
-`load_guest` reads the file (capped at `max_size`), parses it, checks
-everything it can before touching guest RAM (entry point for the chosen mode,
+`load_guest` parses the image (capped at `max_size`), checks everything it can before touching guest RAM (entry point for the chosen mode,
 `ap_entry64` when there are secondary vCPUs, command line length, segment
 placement), then copies the segments, writes start_info / memmap / cmdline,
 the GDTs and (when any vCPU starts in long mode) the identity page tables, and
@@ -13,24 +12,19 @@ a message for the user.
 """
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
-from typing import Iterable, Union
 
 from ..addr import GPA
 from ..memory import GuestMemory
 from .cpu_state import (CpuState, ap_state, long_mode_state, pvh_entry_state, write_long_mode_tables,
                         write_pvh_gdt)
 from .elf import MAX_IMAGE_SIZE, ElfImage, check_placement, load_elf, parse_elf
-from .errors import BadImageError, BootConfigError, ImageFileError
-from .pvh import MemmapEntry, build_memmap, encode_cmdline, write_start_info
+from .errors import BadImageError, BootConfigError
+from .pvh import build_memmap, encode_cmdline, write_start_info
 
 ENTRY_MODES = ("pvh", "long")
 MAX_VCPUS = 255          # xAPIC IDs; the guest ABI numbers vCPUs 0..N-1
 AP_ENTRY_SYMBOL = "ap_entry64"
-
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
 
 @dataclass
@@ -43,42 +37,6 @@ class BootPlan:
     start_info: GPA
     cpus: list[CpuState]                 # index 0 = BSP, then APs 1..N-1
     loaded: list[tuple[GPA, int]]        # (gpa, size) of each segment written
-    cmdline: str
-
-    @property
-    def bsp(self) -> CpuState:
-        return self.cpus[0]
-
-    @property
-    def symbols(self) -> dict[str, int]:
-        return self.image.symbols
-
-
-def read_image(path: Union[str, os.PathLike], max_size: int = MAX_IMAGE_SIZE) -> bytes:
-    """The bytes of the image file at `path`, at most `max_size` of them."""
-    name = os.fsdecode(path)
-    try:
-        # O_NONBLOCK: opening a FIFO must not hang; it is refused by the S_ISREG check below.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageFileError(f"guest image {name}: not a regular file")
-            if st.st_size > max_size:
-                raise BadImageError(
-                    f"guest image {name} is {st.st_size} bytes; the limit is {max_size} bytes")
-            data = f.read(max_size + 1)
-    except FileNotFoundError:
-        raise ImageFileError(f"guest image {name}: no such file") from None
-    except IsADirectoryError:
-        raise ImageFileError(f"guest image {name}: is a directory, not a file") from None
-    except PermissionError:
-        raise ImageFileError(f"guest image {name}: permission denied") from None
-    except OSError as e:
-        raise ImageFileError(f"guest image {name}: cannot read it ({e.strerror or e})") from None
-    if len(data) > max_size:
-        raise BadImageError(f"guest image {name} is larger than the limit of {max_size} bytes")
-    return data
 
 
 def _check_request(entry: str, vcpus: int) -> None:
@@ -114,30 +72,24 @@ def _ap_entry(image: ElfImage, vcpus: int) -> GPA | None:
     return addr
 
 
-def load_guest(source: ImageSource, memory: GuestMemory, cmdline: str = "", entry: str = "pvh",
-               vcpus: int = 1, *, max_size: int = MAX_IMAGE_SIZE,
-               extra_memmap: Iterable[MemmapEntry] = ()) -> BootPlan:
-    """Parse, validate and load a guest image; return the boot plan.
+def load_guest(data: bytes | bytearray | memoryview, memory: GuestMemory, cmdline: str = "",
+               entry: str = "pvh", vcpus: int = 1, *, max_size: int = MAX_IMAGE_SIZE) -> BootPlan:
+    """Parse, validate and load a guest image (its bytes); return the boot plan.
 
-    `source` is a path or the image bytes.  `entry` is "pvh" (32-bit PVH entry
+    `entry` is "pvh" (32-bit PVH entry
     from the ELF note) or "long" (64-bit at e_entry).  Secondary vCPUs always
     start in long mode at `ap_entry64`.  Raises a BootError subclass.
     """
     _check_request(entry, vcpus)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = source
-    else:
-        data = read_image(source, max_size)
     image = parse_elf(data, max_size)
     bsp_entry = _bsp_entry(image, entry)
     ap_entry = _ap_entry(image, vcpus)
-    extra = list(extra_memmap)
     encode_cmdline(cmdline)            # raise before writing anything
-    build_memmap(memory, extra)
+    build_memmap(memory)
     check_placement(image, memory)
 
     loaded = load_elf(image, memory)
-    start_info = write_start_info(memory, cmdline, extra)
+    start_info = write_start_info(memory, cmdline)
     if entry == "pvh":
         bsp = pvh_entry_state(bsp_entry, start_info, write_pvh_gdt(memory))
     if entry == "long" or ap_entry is not None:       # APs always start in long mode
@@ -148,4 +100,4 @@ def load_guest(source: ImageSource, memory: GuestMemory, cmdline: str = "", entr
     if ap_entry is not None:
         cpus += [ap_state(ap_entry, i, start_info) for i in range(1, vcpus)]
     return BootPlan(image=image, entry_mode=entry, entry=bsp_entry, start_info=start_info,
-                    cpus=cpus, loaded=loaded, cmdline=cmdline)
+                    cpus=cpus, loaded=loaded)

@@ -16,13 +16,12 @@ where qboot keeps start_info).  sealvm does the same: RAM regions as type 1,
 no entry for the MMIO hole, and one reserved (type 2) entry for the loader's
 own area 0x6000-0x10000 (start_info, memmap, cmdline, GDTs and the identity
 page tables a long-mode guest is still running on), which is the counterpart
-of qboot's reserved F segment.  Callers can add entries through `extra`.
+of qboot's reserved F segment.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..addr import CMDLINE_GPA, CMDLINE_MAX, GPA, MEMMAP_GPA, START_INFO_GPA
 from ..memory import GuestMemory
@@ -47,10 +46,6 @@ class MemmapEntry:
     size: int
     type: int
 
-    @property
-    def end(self) -> int:
-        return int(self.addr) + self.size
-
 
 def encode_cmdline(cmdline: str) -> bytes:
     """The command line as the bytes the guest will see (without the NUL).  Raises CmdlineError."""
@@ -74,7 +69,7 @@ def _minus(start: int, end: int, hole_start: int, hole_end: int) -> list[tuple[i
     return pieces
 
 
-def build_memmap(memory: GuestMemory, extra: Iterable[MemmapEntry] = ()) -> list[MemmapEntry]:
+def build_memmap(memory: GuestMemory) -> list[MemmapEntry]:
     """The guest's memory map, sorted by address (see the module docstring)."""
     entries: list[MemmapEntry] = []
     lo, hi = int(LOADER_AREA_START), int(LOADER_AREA_END)
@@ -84,29 +79,20 @@ def build_memmap(memory: GuestMemory, extra: Iterable[MemmapEntry] = ()) -> list
         for start, end in _minus(int(region.gpa), int(region.end), lo, hi):
             entries.append(MemmapEntry(GPA(start), end - start, E820_RAM))
     entries.append(MemmapEntry(GPA(lo), hi - lo, E820_RESERVED))
-    for e in extra:
-        if e.size <= 0 or e.addr < 0 or e.end > 1 << 64:
-            raise BootConfigError(f"memory map entry {int(e.addr):#x} +{e.size:#x} is not a valid range")
-        entries.append(MemmapEntry(GPA(e.addr), e.size, e.type))
     entries.sort(key=lambda e: e.addr)
-    for a, b in zip(entries, entries[1:]):
-        if b.addr < a.end:
-            raise BootConfigError(f"memory map entries {int(a.addr):#x} +{a.size:#x} and "
-                                  f"{int(b.addr):#x} +{b.size:#x} overlap")
     if len(entries) > MEMMAP_MAX_ENTRIES:
         raise BootConfigError(f"memory map has {len(entries)} entries; at most {MEMMAP_MAX_ENTRIES} fit")
     return entries
 
 
-def write_start_info(memory: GuestMemory, cmdline: str, extra: Iterable[MemmapEntry] = ()) -> GPA:
+def write_start_info(memory: GuestMemory, cmdline: str) -> GPA:
     """Write command line, memory map and hvm_start_info; return the start_info GPA.
 
-    `extra` adds memory map entries (e.g. a reserved device range) to the RAM
-    and loader-area entries.  Everything is validated before anything is
-    written.  Raises CmdlineError or BootConfigError.
+    Everything is validated before anything is written.  Raises CmdlineError
+    or BootConfigError.
     """
     raw = encode_cmdline(cmdline)
-    entries = build_memmap(memory, extra)
+    entries = build_memmap(memory)
 
     memory.fill(CMDLINE_GPA, CMDLINE_MAX + 1, 0)
     memory.write(CMDLINE_GPA, raw + b"\0")

@@ -25,16 +25,13 @@ from typing import Iterable, NamedTuple
 BPF_LD, BPF_ALU, BPF_JMP, BPF_RET = 0x00, 0x04, 0x05, 0x06
 BPF_W, BPF_ABS, BPF_K = 0x00, 0x20, 0x00
 BPF_AND = 0x50
-BPF_JEQ, BPF_JGE, BPF_JSET = 0x10, 0x30, 0x40
+BPF_JEQ, BPF_JGE = 0x10, 0x30
 BPF_MAXINSNS = 4096
 MAX_JUMP = 255
 
 # seccomp return actions (linux/seccomp.h); lower 16 bits carry data (errno).
 SECCOMP_RET_KILL_PROCESS = 0x8000_0000
-SECCOMP_RET_KILL_THREAD = 0x0000_0000
-SECCOMP_RET_TRAP = 0x0003_0000
 SECCOMP_RET_ERRNO = 0x0005_0000
-SECCOMP_RET_LOG = 0x7FFC_0000
 SECCOMP_RET_ALLOW = 0x7FFF_0000
 
 AUDIT_ARCH_X86_64 = 0xC000_003E
@@ -128,35 +125,18 @@ class SyscallRule:
     deny_action: int = SECCOMP_RET_KILL_PROCESS
 
 
-def _check_insns(check: ArgCheck, to_deny: int, loaded: bool) -> list[Insn]:
-    """Instructions testing `check`, jumping `to_deny` past their last one when it holds.
-
-    `loaded`: the accumulator already holds this argument's unmasked low word.
-    """
-    out = [] if loaded else [load(arg_low(check.index))]
-    if check.mask != U32:
-        out.append(stmt(BPF_ALU | BPF_AND | BPF_K, check.mask))
-    if check.equal:
-        out.append(jump(BPF_JEQ, check.value, to_deny, 0))
-    else:
-        out.append(jump(BPF_JEQ, check.value, 0, to_deny))
-    return out
-
-
 def _rule_body(rule: SyscallRule) -> list[Insn]:
+    """Per check: load its argument word, mask it, jump to the closing `ret deny_action`
+    when it holds; then `ret action`, `ret deny_action`.  Built back to front, so each
+    jump's distance is the length of what follows it."""
     if not rule.deny_if:
         return [ret(rule.action)]
-    # Reuse the loaded word when consecutive checks read the same argument unmasked.
-    loaded = [i > 0 and c.index == rule.deny_if[i - 1].index and rule.deny_if[i - 1].mask == U32
-              for i, c in enumerate(rule.deny_if)]
-    sizes = [1 + (not ld) + (c.mask != U32) for c, ld in zip(rule.deny_if, loaded)]
-    body: list[Insn] = []
-    for i, check in enumerate(rule.deny_if):
-        # Skip the remaining checks and the `ret action` to land on `ret deny_action`.
-        to_deny = sum(sizes[i + 1:]) + 1
-        body.extend(_check_insns(check, to_deny, loaded[i]))
-    body.append(ret(rule.action))
-    body.append(ret(rule.deny_action))
+    body = [ret(rule.action), ret(rule.deny_action)]
+    for check in reversed(rule.deny_if):
+        to_deny = len(body) - 1                 # skip all that follows but the last insn
+        jt, jf = (to_deny, 0) if check.equal else (0, to_deny)
+        mask = [stmt(BPF_ALU | BPF_AND | BPF_K, check.mask)] if check.mask != U32 else []
+        body = [load(arg_low(check.index)), *mask, jump(BPF_JEQ, check.value, jt, jf), *body]
     return body
 
 
@@ -207,22 +187,3 @@ class CompiledFilter:
         # SAFETY: the address of self.fprog, kept alive by self for the duration of the call.
         return ctypes.c_void_p(ctypes.addressof(self.fprog))
 
-
-_OPS = {BPF_JEQ: "jeq", BPF_JGE: "jge", BPF_JSET: "jset"}
-
-
-def disassemble(insns: list[Insn]) -> str:
-    """One line per instruction, for error messages and debugging."""
-    lines = []
-    for pc, (code, jt, jf, k) in enumerate(insns):
-        cls = code & 0x07
-        if cls == BPF_LD:
-            text = f"ld [{k}]"
-        elif cls == BPF_ALU:
-            text = f"and #{k:#x}"
-        elif cls == BPF_RET:
-            text = f"ret #{k:#010x}"
-        else:
-            text = f"{_OPS.get(code & 0xF0, '?')} #{k:#x} ? {pc + 1 + jt} : {pc + 1 + jf}"
-        lines.append(f"{pc:4d}: {text}")
-    return "\n".join(lines)

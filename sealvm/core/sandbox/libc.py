@@ -12,11 +12,8 @@ import os
 # prctl(2) options (linux/prctl.h).
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
-PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
-PR_SET_PTRACER = 0x59616D61
-PR_SET_PTRACER_ANY = 0xFFFF_FFFF_FFFF_FFFF
 
 # SAFETY: CDLL(None) is this process's own libc; use_errno gives a thread-local errno copy.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -35,19 +32,13 @@ class SandboxError(OSError):
     """
 
 
-def last_errno() -> int:
-    """errno left by the most recent ctypes call on this thread."""
-    # SAFETY: reads ctypes' thread-local copy of errno; no memory is touched.
-    return ctypes.get_errno()
-
-
-def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+def prctl(option: int, arg2: int = 0) -> int:
     """prctl(2); returns its result, raises SandboxError on -1."""
     # SAFETY: every prctl option used here takes integer arguments only, passed as unsigned longs.
-    r = _prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-               ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+    r = _prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
+               ctypes.c_ulong(0), ctypes.c_ulong(0))
     if r == -1:
-        err = last_errno()
+        err = ctypes.get_errno()
         raise SandboxError(err, f"prctl({option:#x}) failed: {os.strerror(err)}")
     return r
 
@@ -63,12 +54,4 @@ def raw_syscall(nr: int, *args: int | ctypes.c_void_p) -> tuple[int, int]:
     # SAFETY: callers pass the argument count and types the syscall `nr` expects; pointers
     # they pass refer to live ctypes objects that outlive this call.
     r = _syscall(ctypes.c_long(nr), *cargs)
-    return r, (last_errno() if r == -1 else 0)
-
-
-def libc_function(name: str, restype=ctypes.c_int):
-    """One libc function with errno capture (mlock, madvise, mlockall...)."""
-    # SAFETY: looks up a symbol in our own libc; argument types are set by the caller's wrapper.
-    fn = getattr(_libc, name)
-    fn.restype = restype
-    return fn
+    return r, (ctypes.get_errno() if r == -1 else 0)

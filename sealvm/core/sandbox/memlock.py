@@ -1,4 +1,4 @@
-"""Keeping secrets out of swap and core dumps: mlock, mlockall, MADV_DONTDUMP.
+"""Keeping secrets out of swap and core dumps: mlock and MADV_DONTDUMP.
 
 Guest RAM and key buffers are locked so they are never written to swap, and
 marked don't-dump so a crash leaves no copy in a core file.  Locking counts
@@ -13,36 +13,30 @@ import mmap
 import os
 import resource
 
-from .libc import SandboxError, libc_function, last_errno, raw_syscall
+from .libc import SandboxError, raw_syscall
 from .switches import disabled
-from .syscalls import number
 
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+SYS_MLOCK2 = 325
 MLOCK_ONFAULT = 1
 MADV_DONTDUMP = 16
 PAGE_SIZE = mmap.PAGESIZE
 
-# SAFETY: prototypes as in <sys/mman.h>: mlock(void*, size_t), mlockall(int),
-# madvise(void*, size_t, int); all return int.
-_mlock = libc_function("mlock")
+# SAFETY: prototypes as in <sys/mman.h>: mlock(void*, size_t), madvise(void*, size_t, int).
+_libc = ctypes.CDLL(None, use_errno=True)
+_mlock = _libc.mlock
 _mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_mlockall = libc_function("mlockall")
-_mlockall.argtypes = [ctypes.c_int]
-_madvise = libc_function("madvise")
+_madvise = _libc.madvise
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+HOW_TO_RAISE = ("raise it: the launcher sets it (as root) for each core; by hand `ulimit -l "
+                "KIB` (root), LimitMEMLOCK= in a systemd unit, or /etc/security/limits.conf")
 
 
 def memlock_limit_text() -> str:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    def fmt(v: int) -> str:
-        return "unlimited" if v == resource.RLIM_INFINITY else f"{v} bytes"
-    return f"RLIMIT_MEMLOCK is {fmt(soft)} (hard {fmt(hard)})"
-
-
-HOW_TO_RAISE = ("raise it: the launcher (as root, before dropping privileges) calls "
-                "sandbox.raise_memlock_limit(bytes); by hand `ulimit -l KIB` (root), "
-                "LimitMEMLOCK= in a systemd unit, or a memlock line in "
-                "/etc/security/limits.conf")
+    inf = resource.RLIM_INFINITY
+    return (f"RLIMIT_MEMLOCK is {'unlimited' if soft == inf else f'{soft} bytes'} "
+            f"(hard {'unlimited' if hard == inf else f'{hard} bytes'})")
 
 
 def _range_of(target, length: int | None) -> tuple[int, int]:
@@ -77,43 +71,19 @@ def lock_memory(target, length: int | None = None, *, on_fault: bool = False) ->
         return
     if on_fault:
         # SAFETY: mlock2 only changes page residency; the kernel rejects unmapped ranges.
-        r, err = raw_syscall(number("mlock2"), address, length, MLOCK_ONFAULT)
-        if r == 0:
-            return
+        r, err = raw_syscall(SYS_MLOCK2, address, length, MLOCK_ONFAULT)
     else:
         # SAFETY: mlock only changes page residency; the kernel rejects ranges that are not mapped.
-        if _mlock(ctypes.c_void_p(address), ctypes.c_size_t(length)) == 0:
-            return
-        err = last_errno()
+        r = _mlock(ctypes.c_void_p(address), ctypes.c_size_t(length))
+        err = ctypes.get_errno()
+    if r == 0:
+        return
     what = f"mlock of {length} bytes at {address:#x} failed"
-    if err == errno.ENOMEM:
-        raise SandboxError(err, f"{what}: over the locked-memory limit ({memlock_limit_text()}) "
-                                f"or the range is not mapped; {HOW_TO_RAISE}")
-    if err == errno.EPERM:
-        raise SandboxError(err, f"{what}: not permitted ({memlock_limit_text()}, "
-                                f"no CAP_IPC_LOCK); {HOW_TO_RAISE}")
-    if err == errno.EAGAIN:
-        raise SandboxError(err, f"{what}: some pages could not be locked (kernel out of memory?)")
-    raise SandboxError(err, f"{what}: errno {err}")
-
-
-def lock_all_memory(*, future: bool = True, on_fault: bool = False) -> None:
-    """mlockall(MCL_CURRENT[|MCL_FUTURE][|MCL_ONFAULT]).
-
-    With MCL_FUTURE every later mapping is locked too, including each new
-    thread's 8 MiB stack: the limit must cover them or thread creation fails.
-    """
-    flags = MCL_CURRENT | (MCL_FUTURE if future else 0) | (MCL_ONFAULT if on_fault else 0)
-    if disabled("mlock"):
-        return
-    # SAFETY: mlockall takes only flags; it touches no memory of ours.
-    if _mlockall(ctypes.c_int(flags)) == 0:
-        return
-    err = last_errno()
-    if err in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
-        raise SandboxError(err, f"mlockall({flags:#x}) failed: the process's mappings exceed the "
-                                f"locked-memory limit ({memlock_limit_text()}); {HOW_TO_RAISE}")
-    raise SandboxError(err, f"mlockall({flags:#x}) failed: errno {err}")
+    if err in (errno.ENOMEM, errno.EPERM):
+        raise SandboxError(err, f"{what}: over the locked-memory limit or not permitted "
+                                f"({memlock_limit_text()}), or the range is not mapped; "
+                                f"{HOW_TO_RAISE}")
+    raise SandboxError(err, f"{what}: {os.strerror(err)}")
 
 
 def dont_dump(target, length: int | None = None) -> None:
@@ -127,7 +97,7 @@ def dont_dump(target, length: int | None = None) -> None:
     if _madvise(ctypes.c_void_p(start), ctypes.c_size_t(length),
                 ctypes.c_int(MADV_DONTDUMP)) == 0:
         return
-    err = last_errno()
+    err = ctypes.get_errno()
     why = "range not mapped" if err == errno.ENOMEM else os.strerror(err)
     raise SandboxError(err, f"madvise(MADV_DONTDUMP) of {length} bytes at {start:#x} failed: "
                             f"{why}")

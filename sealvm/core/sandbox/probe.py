@@ -1,4 +1,5 @@
-"""What this machine lets the sandbox do, asked once at start.
+"""What this machine lets the sandbox do, asked once at start (host side: the core never
+imports this).
 
 `probe_capabilities()` answers without changing the calling process: seccomp
 is tried for real in a forked child (an errno filter on the harmless getppid),
@@ -20,15 +21,16 @@ from .bpf import SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS, SyscallRule, assem
 from .libc import (PR_GET_DUMPABLE, PR_GET_NO_NEW_PRIVS, PR_SET_NO_NEW_PRIVS, SandboxError,
                    prctl, raw_syscall)
 from .process import CAP_SETGID, CAP_SETUID, CAP_SYS_RESOURCE, has_capability
-from .seccomp import SECCOMP_GET_ACTION_AVAIL, install_filter
-from .syscalls import number
+from .seccomp import SECCOMP_GET_ACTION_AVAIL, SYS_SECCOMP, install_filter
+
+SYS_GETPPID = 110
 
 _CHILD_NNP, _CHILD_INSTALL, _CHILD_ERRNO = 10, 11, 12
 
 
 def _seccomp_child() -> int:
     """In a forked child: prove a filter installs (with TSYNC) and acts (errno on getppid)."""
-    getppid = number("getppid")
+    getppid = SYS_GETPPID
     try:
         prctl(PR_SET_NO_NEW_PRIVS, 1)
     except SandboxError:
@@ -58,7 +60,7 @@ def _action_available(action: int) -> bool:
     """seccomp(SECCOMP_GET_ACTION_AVAIL): the kernel knows `action` (no kill needed to ask)."""
     value = ctypes.c_uint32(action)
     # SAFETY: the kernel reads one u32 from `value`, a live ctypes object for the whole call.
-    r, _ = raw_syscall(number("seccomp"), SECCOMP_GET_ACTION_AVAIL, 0,
+    r, _ = raw_syscall(SYS_SECCOMP, SECCOMP_GET_ACTION_AVAIL, 0,
                        ctypes.c_void_p(ctypes.addressof(value)))
     return r == 0
 

@@ -1,4 +1,5 @@
-"""virtio devices: split virtqueues, the virtio-mmio v2 transport, device models.
+"""virtio devices: split virtqueues (`queue`, `chain`), the virtio-mmio v2 transport
+(`mmio`), device models (`device`, `rng`).
 
 Wiring for the run loop (one transport per device window):
 
@@ -17,15 +18,3 @@ Wiring for the run loop (one transport per device window):
 * `t.broken` / `t.broken_reason`: the guest (or the host backend) broke the
   device; it stays inert until the driver writes Status = 0.
 """
-from .chain import (DescriptorChain, InvalidChainError, QueueBrokenError, Segment,
-                    VirtioGuestError)
-from .device import DeviceBackendError, VirtioDevice
-from .mmio import MmioTransport
-from .queue import QueueConfigError, Virtqueue
-from .rng import VirtioRng
-
-__all__ = [
-    "DescriptorChain", "DeviceBackendError", "InvalidChainError", "MmioTransport",
-    "QueueBrokenError", "QueueConfigError", "Segment", "VirtioDevice", "VirtioGuestError",
-    "VirtioRng", "Virtqueue",
-]

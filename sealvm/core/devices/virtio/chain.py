@@ -80,28 +80,8 @@ class DescriptorChain:
     memory: GuestMemory
 
     @property
-    def readable_len(self) -> int:
-        return sum(s.length for s in self.segments if not s.writable)
-
-    @property
     def writable_len(self) -> int:
         return sum(s.length for s in self.segments if s.writable)
-
-    def read(self, limit: int) -> bytes:
-        """Gather at most `limit` bytes from the readable segments, in order."""
-        if limit < 0:
-            raise ValueError("negative read limit")
-        parts: list[bytes] = []
-        left = limit
-        for seg in self.segments:
-            if left == 0:
-                break
-            if seg.writable:
-                continue
-            n = min(left, seg.length)
-            parts.append(self.memory.read(seg.gpa, n))
-            left -= n
-        return b"".join(parts)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Scatter `data` over the writable segments; returns bytes written.

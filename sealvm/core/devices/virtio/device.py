@@ -32,11 +32,7 @@ VIRTIO_F_INDIRECT_DESC = 1 << 28
 VIRTIO_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
 
-# Device types (VIRTIO 1.2 §5).
-VIRTIO_ID_NET = 1
-VIRTIO_ID_BLOCK = 2
-VIRTIO_ID_CONSOLE = 3
-VIRTIO_ID_RNG = 4
+VIRTIO_ID_RNG = 4          # device type (VIRTIO 1.2 §5)
 
 
 class LogLimiter:

@@ -347,13 +347,3 @@ class MmioTransport:
         if fire and q.used_idx != used_before:
             self.interrupt_status |= INT_VRING
         return fire, pending
-
-    def signal_config_change(self) -> None:
-        """The device changed its configuration space: bump the generation, tell the driver."""
-        with self._lock:
-            self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
-            fire = bool(self.status & STATUS_DRIVER_OK)
-            if fire:
-                self.interrupt_status |= INT_CONFIG
-        if fire:
-            self._interrupt()

@@ -34,7 +34,6 @@ from .chain import (MAX_CHAIN_BYTES, MAX_QUEUE_SIZE, DescriptorChain, QueueBroke
                     VirtioGuestError, walk_chain)
 
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
 
 _USED_ELEM = struct.Struct("<II")
 _FENCE_LOCK = threading.Lock()

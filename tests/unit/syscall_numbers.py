@@ -1,8 +1,7 @@
-"""x86-64 system call numbers the core's seccomp policy names.
+"""x86-64 system call numbers for the sandbox tests, and the calls the core denies on purpose.
 
 Numbers come from the kernel's arch/x86/entry/syscalls/syscall_64.tbl (as in
-<asm/unistd_64.h>); a unit test checks them against the installed header.  Only
-x86-64 is supported: the filter kills any other architecture.
+<asm/unistd_64.h>); test_seccomp_bpf checks them against the installed header.
 """
 from __future__ import annotations
 
@@ -53,4 +52,26 @@ def number(name: str) -> int:
     try:
         return X86_64[name]
     except KeyError:
-        raise KeyError(f"unknown x86-64 syscall {name!r} (add it to sandbox/syscalls.py)") from None
+        raise KeyError(f"unknown x86-64 syscall {name!r} (add it to tests/unit/syscall_numbers.py)") from None
+
+
+# Denied on purpose (kill): the tests prove each one stays out of the core's allow-list.
+NOTABLY_DENIED: tuple[str, ...] = (
+    "open", "openat", "openat2", "creat", "stat", "access", "faccessat2", "statx",
+    "execve", "execveat", "fork", "vfork", "socket", "socketpair", "connect", "bind",
+    "listen", "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
+    "pidfd_open", "pidfd_getfd", "kill", "tkill", "rt_tgsigqueueinfo", "mount", "umount2",
+    "pivot_root", "chroot", "unshare", "setns", "open_tree", "move_mount", "fsopen",
+    "fsmount", "mount_setattr", "bpf", "perf_event_open", "kexec_load", "kexec_file_load",
+    "init_module", "finit_module", "delete_module", "setuid", "setgid", "setreuid",
+    "setregid", "setresuid", "setresgid", "setfsuid", "setfsgid", "setgroups", "capset",
+    "prctl", "seccomp", "personality", "setrlimit", "prlimit64", "munlock", "munlockall",
+    "mlockall", "memfd_create", "memfd_secret", "userfaultfd", "io_uring_setup",
+    "io_uring_enter", "io_uring_register", "keyctl", "add_key", "request_key",
+    "pkey_mprotect", "process_madvise", "chmod", "fchmod", "fchmodat", "chown", "fchown",
+    "unlink", "unlinkat", "rename", "renameat", "link", "linkat", "symlink", "symlinkat",
+    "mkdir", "mkdirat", "rmdir", "mknod", "truncate", "ftruncate", "chdir", "getcwd",
+    "name_to_handle_at", "open_by_handle_at", "iopl", "ioperm", "reboot", "swapon",
+    "sethostname", "splice", "vmsplice", "pipe", "pipe2", "setsid", "setpgid",
+    "landlock_create_ruleset",
+)
