@@ -12,13 +12,13 @@ when every file the core will ever open is open.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
 import struct
 import sys
 import threading
+from types import SimpleNamespace
 
 from ..wire import portal as P
 from . import sandbox
@@ -191,14 +191,21 @@ def protect_guest_memory(machine) -> None:
                     "out; enabling swap needs root", e)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sealvm-core")
-    p.add_argument("--vm-id", required=True)
-    p.add_argument("--host-uid", type=int, required=True)
-    p.add_argument("--memory-mib", type=int, required=True)
-    for name in ("kvm", "portal", "listen"):
-        p.add_argument(f"--{name}-fd", type=int, required=True)
-    return p.parse_args(argv)
+ARGS = {"vm-id": str, "host-uid": int, "memory-mib": int, "kvm-fd": int, "portal-fd": int,
+        "listen-fd": int}
+
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """The launcher's `--name=value` words: every one of ARGS, nothing else."""
+    got = {}
+    for word in argv:
+        name, sep, value = word.removeprefix("--").partition("=")
+        if not word.startswith("--") or not sep or name not in ARGS or name in got:
+            raise SystemExit(f"sealvm-core: unexpected argument {word!r}")
+        got[name] = ARGS[name](value)
+    if set(got) != set(ARGS):
+        raise SystemExit(f"sealvm-core: missing {sorted(set(ARGS) - set(got))}")
+    return SimpleNamespace(**{k.replace("-", "_"): v for k, v in got.items()})
 
 
 def main(argv: list[str] | None = None) -> int:

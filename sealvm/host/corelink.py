@@ -108,11 +108,11 @@ class CoreLink:
 
     def wait_closed(self, timeout: float) -> bool:
         """Wait for the core to hang up (it exits after answering STOP)."""
-        deadline = threading.Event()
-        for _ in range(int(timeout / 0.05)):
+        pause = threading.Event()
+        for _ in range(int(timeout / 0.005)):
             if self.client.closed:
                 return True
-            deadline.wait(0.05)
+            pause.wait(0.005)
         return self.client.closed
 
     def close(self) -> None:

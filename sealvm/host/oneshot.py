@@ -18,7 +18,6 @@ import tempfile
 import threading
 
 from ..launcher.spawn import LaunchError, spawn_core
-from .corelink import CoreLink, CoreRefused
 
 EXIT_CANNOT_START = 125
 EXIT_VM_CRASHED = 126
@@ -45,9 +44,6 @@ def preflight(insecure: bool) -> str | None:
 
 
 def run_oneshot(args) -> int:
-    problem = preflight(args.insecure_dev)
-    if problem:
-        return _fail(problem)
     try:
         with open(args.guest, "rb") as f:
             image = f.read((1 << 30) + 1)
@@ -74,6 +70,12 @@ def run_oneshot(args) -> int:
                                 host_uid=os.getuid(), insecure_same_uid=os.geteuid() != 0)
         except LaunchError as e:
             return _fail(str(e))
+        # The core is starting (its interpreter and imports take most of the
+        # start-up time); check the machine's defences meanwhile.
+        problem = preflight(args.insecure_dev)
+        if problem:
+            handle.process.kill()
+            return _fail(problem)
         return _drive(handle, image, memory_mib, args, console_fd)
     finally:
         if handle is not None:
@@ -87,6 +89,7 @@ def run_oneshot(args) -> int:
 
 
 def _drive(handle, image: bytes, memory_mib: int, args, console_fd: int) -> int:
+    from .corelink import CoreLink, CoreRefused
     stopped = threading.Event()
     link = CoreLink(handle.vm_id, handle.portal, None,
                     on_stopped=lambda *_: stopped.set(),

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Core + launcher, counted lines.  Raised only by what a later capability adds
 # (say so in the commit message and in the README's TCB table).
-TCB_BUDGET = 3000
+TCB_BUDGET = 3900
 LAUNCHER_MODULES = ["sealvm.launcher.spawn", "sealvm.launcher.protocol", "sealvm.launcher.service"]
 
 
@@ -89,7 +89,8 @@ def running_core_modules(guest: str = "guests/build/rng.elf") -> list[str]:
 
 
 def measure() -> dict:
-    modules = running_core_modules()
+    # The core's __main__ is its entry script, sealvm/core/entry.py.
+    modules = ["sealvm.core.entry" if m == "__main__" else m for m in running_core_modules()]
     project = [m for m in modules if m.split(".")[0] == "sealvm"]
     outside = sorted({m.split(".")[0] for m in modules if m.split(".")[0] != "sealvm"})
     per_module = {m: count_lines(module_file(m)) for m in project if module_file(m)}
