@@ -88,9 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="back guest RAM with 2 MiB pages: 'thp' = transparent huge pages (the "
                         "host must allow them for shared memory: "
                         "/sys/kernel/mm/transparent_hugepage/shmem_enabled = advise, within_size "
-                        "or always), 'hugetlb' = the reserved pool (vm.nr_hugepages); the VM "
-                        "does not start if the host cannot provide them (default: off). Not "
-                        "yet carried to the VM's core process: refused for now")
+                        "or always), 'hugetlb' = the reserved pool (vm.nr_hugepages must cover "
+                        "the RAM size) (default: off)")
     r.add_argument("--bench-sinks", action="store_true", help=argparse.SUPPRESS)
 
     h = sub.add_parser(
@@ -124,11 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
-        if args.prefault or args.hugepages:
-            # GuestMemory.create and MachineConfig.ram support them; the portal's
-            # CONFIGURE request does not carry them to the core yet.
-            parser.error("--prefault/--hugepages: the VM's core process does not take RAM "
-                         "options yet")
         from .host.oneshot import run_oneshot
         return run_oneshot(args)
     if args.command == "hostd":

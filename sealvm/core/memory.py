@@ -7,7 +7,6 @@ device turns into a failed request; it never reaches the mapping.
 """
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import struct
@@ -16,48 +15,7 @@ from dataclasses import dataclass
 from .addr import GPA, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE, HostOffset, MIN_MEMORY
 
 
-HUGEPAGE_MODES = (None, "thp", "hugetlb")
-HUGE_PAGE_SIZE = 2 << 20
-MADV_HUGEPAGE = 14
-MADV_POPULATE_WRITE = 23          # Linux 5.14+
-_SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
-_SHMEM_THP_2M = "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"
-_SHMEM_THP_ON = ("advise", "within_size", "always", "force")
-
-
-def _sysfs_choice(path: str) -> str | None:
-    """The [selected] word of a sysfs choice file, or None if it cannot be read."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return None
-    start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
-
-
-def _shmem_thp_setting() -> str | None:
-    """Effective shared-memory THP setting for 2 MiB pages (per-size file first)."""
-    per_size = _sysfs_choice(_SHMEM_THP_2M)
-    if per_size and per_size != "inherit":
-        return per_size
-    return _sysfs_choice(_SHMEM_THP)
-
-
-def _madvise(addr: int, length: int, advice: int, what: str) -> None:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    # SAFETY: [addr, addr+length) is exactly our own mapping of the guest RAM memfd.
-    if libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EINVAL and advice == MADV_POPULATE_WRITE:
-            raise MemoryConfigError("pre-faulting guest RAM needs Linux 5.14 or newer "
-                                    "(MADV_POPULATE_WRITE)")
-        if err == errno.ENOMEM or err == errno.EFAULT:
-            raise MemoryConfigError(f"{what} on guest RAM failed: {os.strerror(err)} "
-                                    "(not enough memory to populate it?)")
-        raise OSError(err, f"{what} on guest RAM failed: {os.strerror(err)}")
+MADV_HUGEPAGE, MADV_POPULATE_WRITE = 14, 23     # the latter: Linux 5.14+
 
 
 class GuestMemoryError(Exception):
@@ -116,52 +74,39 @@ class GuestMemory:
 
         prefault: populate every page on the host (MADV_POPULATE_WRITE) before
             the guest runs, so a guest's first touch of a page costs only the
-            hypervisor's own fault.  Costs start-up time and makes all of RAM
-            resident at once (with 4 KiB pages: about 1 ms per MiB here).
-        hugepages: "thp" asks for transparent huge pages (MADV_HUGEPAGE); the
-            kernel must allow them for shared memory
-            (/sys/kernel/mm/transparent_hugepage/shmem_enabled: advise,
-            within_size or always).  "hugetlb" takes 2 MiB pages from the
-            reserved pool (MFD_HUGETLB; vm.nr_hugepages must cover `size`).
-        A request the host cannot honour raises MemoryConfigError saying why.
+            hypervisor's own fault; costs start-up time (about 1 ms per MiB
+            with 4 KiB pages here) and makes all of RAM resident at once.
+        hugepages: "thp" advises transparent huge pages (MADV_HUGEPAGE), which
+            the host must allow for shared memory (transparent_hugepage/
+            shmem_enabled: advise, within_size or always; otherwise the advice
+            has no effect, so the caller checks that); "hugetlb" takes 2 MiB
+            pages from the reserved pool (MFD_HUGETLB; the mmap fails with
+            ENOMEM when vm.nr_hugepages cannot cover `size`).
         """
         regions = layout_ram(size)
-        if hugepages not in HUGEPAGE_MODES:
-            raise MemoryConfigError(f"hugepages must be one of {', '.join(map(str, HUGEPAGE_MODES))}, "
-                                    f"not {hugepages!r}")
-        if hugepages == "thp" and _shmem_thp_setting() not in _SHMEM_THP_ON:
-            raise MemoryConfigError(
-                "transparent huge pages are off for shared memory on this host "
-                f"({_SHMEM_THP}: {_shmem_thp_setting()}); enable them with "
-                f"`echo advise > {_SHMEM_THP}` (root) or leave out the huge-page option")
-        if hugepages == "hugetlb" and size % HUGE_PAGE_SIZE:
-            raise MemoryConfigError(f"memory size {size} is not a multiple of the "
-                                    f"{HUGE_PAGE_SIZE >> 20} MiB huge page size")
+        if hugepages not in (None, "thp", "hugetlb"):
+            raise MemoryConfigError(f"unknown huge-page mode {hugepages!r}")
         flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugepages == "hugetlb" else 0)
         fd = os.memfd_create(name, flags)
         try:
             os.ftruncate(fd, size)
             # SAFETY: maps exactly `size` bytes of a memfd we just sized to `size`.
             buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            os.close(fd)
-            if hugepages == "hugetlb":
-                raise MemoryConfigError(
-                    f"cannot reserve {size >> 20} MiB of huge pages ({e.strerror}): "
-                    "vm.nr_hugepages must provide them (see /proc/meminfo HugePages_Free)") from None
-            raise
         except BaseException:
             os.close(fd)
             raise
         mem = cls(buf, regions, fd)
-        try:
-            if hugepages == "thp":
-                _madvise(mem.host_address(), size, MADV_HUGEPAGE, "MADV_HUGEPAGE")
-            if prefault:
-                _madvise(mem.host_address(), size, MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")
-        except BaseException:
-            mem.close()
-            raise
+        for wanted, advice in ((hugepages == "thp", MADV_HUGEPAGE), (prefault, MADV_POPULATE_WRITE)):
+            if wanted:
+                import ctypes
+                libc = ctypes.CDLL(None, use_errno=True)
+                # SAFETY: the range is exactly our own mapping of the guest RAM memfd.
+                if libc.madvise(ctypes.c_void_p(mem.host_address()), ctypes.c_size_t(size),
+                                ctypes.c_int(advice)) != 0:
+                    err = ctypes.get_errno()
+                    mem.close()
+                    raise MemoryConfigError(f"madvise({advice}) on guest RAM failed: "
+                                            f"{os.strerror(err)}")
         return mem
 
     @classmethod

@@ -19,7 +19,7 @@ from typing import Callable
 from .addr import MiB
 from .boot.errors import BootError
 from .machine import Machine, MachineConfig, MachineError
-from .memory import MemoryConfigError
+from .memory import MemoryConfigError, RamOptions
 from ..wire.portal import clip_message as clip
 
 log = logging.getLogger("sealvm.core")
@@ -30,7 +30,8 @@ MAX_IMAGE = 1 << 30
 CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
 ENTRY_MODES = {1: "pvh", 2: "long"}
-FLAG_RNG = 1
+FLAG_RNG, FLAG_PREFAULT, FLAG_THP, FLAG_HUGETLB, FLAG_BENCH_SINKS = 1, 2, 4, 8, 16
+KNOWN_FLAGS = 31
 
 
 class Refused(Exception):
@@ -109,11 +110,15 @@ class VmService:
             if not 2 <= memory_mib <= self.memory_limit_mib:
                 raise Refused("OUT_OF_RANGE", f"memory {memory_mib} MiB outside 2.."
                                               f"{self.memory_limit_mib} (the launcher's limit)")
-            if entry not in ENTRY_MODES or flags & ~FLAG_RNG:
+            if entry not in ENTRY_MODES or flags & ~KNOWN_FLAGS or (
+                    flags & FLAG_THP and flags & FLAG_HUGETLB):
                 raise Refused("OUT_OF_RANGE", "unknown entry mode or flags")
+            huge = "thp" if flags & FLAG_THP else "hugetlb" if flags & FLAG_HUGETLB else None
             cfg = MachineConfig(image=bytes(self.image), memory=memory_mib * MiB, vcpus=vcpus,
                                 cmdline=cmdline, entry=ENTRY_MODES[entry],
-                                rng=bool(flags & FLAG_RNG), kvm_fd=self.kvm_fd)
+                                rng=bool(flags & FLAG_RNG), kvm_fd=self.kvm_fd,
+                                bench_sinks=bool(flags & FLAG_BENCH_SINKS),
+                                ram=RamOptions(bool(flags & FLAG_PREFAULT), huge))
             machine = Machine(cfg, self._console, on_stopped=self._stopped)
             try:
                 machine.build()

@@ -23,6 +23,7 @@ EXIT_CANNOT_START = 125
 EXIT_VM_CRASHED = 126
 EXIT_INTERRUPTED = 130
 ENTRY_CODES = {"pvh": 1, "long": 2}
+FLAG_RNG, FLAG_PREFAULT, FLAG_THP, FLAG_HUGETLB, FLAG_BENCH_SINKS = 1, 2, 4, 8, 16
 
 
 def _fail(msg: str) -> int:
@@ -43,6 +44,48 @@ def preflight(insecure: bool) -> str | None:
             "defences (pass --insecure-dev to run anyway, for development only)")
 
 
+def _shmem_thp() -> str:
+    for path in ("/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled",
+                 "/sys/kernel/mm/transparent_hugepage/shmem_enabled"):
+        try:
+            text = open(path).read()
+        except OSError:
+            continue
+        word = text[text.find("[") + 1:text.find("]")]
+        if word != "inherit":
+            return word
+    return "never"
+
+
+def _free_hugepages_mib() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1]) * 2
+    except OSError:
+        pass
+    return 0
+
+
+def config_flags(args, memory_mib: int) -> int:
+    """CONFIGURE flags for the run options; the host checks what its kernel allows first."""
+    flags = 0 if args.no_rng else FLAG_RNG
+    flags |= FLAG_PREFAULT if args.prefault else 0
+    flags |= FLAG_BENCH_SINKS if args.bench_sinks else 0
+    if args.hugepages == "thp":
+        if _shmem_thp() not in ("advise", "within_size", "always", "force"):
+            raise ValueError("--hugepages thp: this host does not give shared memory transparent "
+                             "huge pages (transparent_hugepage/shmem_enabled is "
+                             f"'{_shmem_thp()}'; set it to 'advise')")
+        flags |= FLAG_THP
+    elif args.hugepages == "hugetlb":
+        if _free_hugepages_mib() < memory_mib:
+            raise ValueError(f"--hugepages hugetlb: {_free_hugepages_mib()} MiB of free huge pages,"
+                             f" {memory_mib} MiB needed (raise vm.nr_hugepages)")
+        flags |= FLAG_HUGETLB
+    return flags
+
+
 def run_oneshot(args) -> int:
     try:
         with open(args.guest, "rb") as f:
@@ -55,6 +98,10 @@ def run_oneshot(args) -> int:
     if args.memory % (1 << 20) or not 2 <= memory_mib <= 65536:
         return _fail(f"memory size must be a whole number of MiB between 2M and 64G, "
                      f"not {args.memory} bytes")
+    try:
+        flags = config_flags(args, memory_mib)
+    except ValueError as e:
+        return _fail(str(e))
     console_fd = 1
     if args.console_log:
         try:
@@ -76,7 +123,7 @@ def run_oneshot(args) -> int:
         if problem:
             handle.process.kill()
             return _fail(problem)
-        return _drive(handle, image, memory_mib, args, console_fd)
+        return _drive(handle, image, memory_mib, flags, args, console_fd)
     finally:
         if handle is not None:
             try:
@@ -88,7 +135,7 @@ def run_oneshot(args) -> int:
             os.close(console_fd)
 
 
-def _drive(handle, image: bytes, memory_mib: int, args, console_fd: int) -> int:
+def _drive(handle, image: bytes, memory_mib: int, flags: int, args, console_fd: int) -> int:
     from .corelink import CoreLink, CoreRefused
     stopped = threading.Event()
     link = CoreLink(handle.vm_id, handle.portal, None,
@@ -99,7 +146,7 @@ def _drive(handle, image: bytes, memory_mib: int, args, console_fd: int) -> int:
             link.hello()
             link.load_image(image)
             link.configure(memory_mib, args.vcpus, ENTRY_CODES[args.entry],
-                           0 if args.no_rng else 1, args.cmdline)
+                           flags, args.cmdline)
             link.start()
         except CoreRefused as e:
             return _fail(str(e))

@@ -89,7 +89,12 @@ class LogLevel(enum.IntEnum):
 
 
 CONFIG_FLAG_RNG = 1 << 0
-CONFIG_FLAGS = CONFIG_FLAG_RNG
+CONFIG_FLAG_PREFAULT = 1 << 1     # populate guest RAM before the guest runs
+CONFIG_FLAG_THP = 1 << 2          # transparent huge pages for guest RAM
+CONFIG_FLAG_HUGETLB = 1 << 3      # guest RAM from the reserved huge-page pool
+CONFIG_FLAG_BENCH_SINKS = 1 << 4  # the exit-cost benchmark's MMIO sink and ioeventfd
+CONFIG_FLAGS = (CONFIG_FLAG_RNG | CONFIG_FLAG_PREFAULT | CONFIG_FLAG_THP | CONFIG_FLAG_HUGETLB
+                | CONFIG_FLAG_BENCH_SINKS)
 
 Check = Callable[[Mapping[str, Any]], None]
 

@@ -241,7 +241,7 @@ def load(kind=1, offset=0, total=16, data=b"x" * 16):
     (configure(memory=struct.pack("<I", 65537)), Status.OUT_OF_RANGE),     # above max
     (configure(vcpus=b"\0\0"), Status.OUT_OF_RANGE),
     (configure(vcpus=b"\x41\0"), Status.OUT_OF_RANGE),
-    (configure(flags=b"\2\0\0\0"), Status.OUT_OF_RANGE),                   # unknown flag bit
+    (configure(flags=b"\x20\0\0\0"), Status.OUT_OF_RANGE),                 # unknown flag bit
     (configure(entry=b"\3"), Status.OUT_OF_RANGE),                         # enum value not allowed
     (configure(entry=b"\0"), Status.OUT_OF_RANGE),
     (load(kind=3), Status.OUT_OF_RANGE),
@@ -306,7 +306,7 @@ def test_check_capability():
     lambda: P.encode_request(Op.CONSOLE_INPUT, 1, TOKEN, data=bytes(4097)),
     lambda: P.encode_request(Op.CONFIGURE, 1, TOKEN, **{**REQUESTS[Op.CONFIGURE], "vcpus": 65}),
     lambda: P.encode_request(Op.CONFIGURE, 1, TOKEN, **{**REQUESTS[Op.CONFIGURE], "vcpus": True}),
-    lambda: P.encode_request(Op.CONFIGURE, 1, TOKEN, **{**REQUESTS[Op.CONFIGURE], "flags": 2}),
+    lambda: P.encode_request(Op.CONFIGURE, 1, TOKEN, **{**REQUESTS[Op.CONFIGURE], "flags": 0x20}),
     lambda: P.encode_request(Op.CONFIGURE, 1, TOKEN, **{**REQUESTS[Op.CONFIGURE], "entry": 9}),
     lambda: P.encode_request(Op.CONFIGURE, 1, TOKEN, **{**REQUESTS[Op.CONFIGURE],
                                                          "cmdline": "a\0"}),
