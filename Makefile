@@ -8,7 +8,7 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMPS     := .stamps
 APT_PKGS   := python3 python3-venv python3-dev gcc make binutils libc6-dev linux-libc-dev \
-              qemu-system-x86 hyperfine strace
+              qemu-system-x86 hyperfine strace swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv guests run test test-fast bench tcb security fuzz clean distclean
@@ -25,7 +25,7 @@ $(STAMPS)/apt: scripts/ensure-apt.sh Makefile | $(STAMPS)
 $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt | $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,tpm]'
 	@touch $@
 
 # Bytecode for the core, checked against its source hash on every import (so a
