@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uids given to VM cores, one per VM (default %(default)s)")
     h.add_argument("--insecure-dev", action="store_true",
                    help="development only: run without root (all cores under your uid)")
+    h.add_argument("--print-openapi", action="store_true",
+                   help="print the REST API's OpenAPI document and exit")
 
     from .host.cli_vm import add_parser as add_vm_parser
     add_vm_parser(sub, parse_size)
@@ -125,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .host.oneshot import run_oneshot
         return run_oneshot(args)
+    if args.command == "hostd" and args.print_openapi:
+        import json
+        from .host.api import openapi_document
+        print(json.dumps(openapi_document(), indent=1, sort_keys=True))
+        return 0
     if args.command == "hostd":
         import logging
         from .launcher.service import run_hostd

@@ -122,3 +122,8 @@ def build_app(manager: VmManager) -> FastAPI:
         return _errors(lambda: manager.logs(vm_id))
 
     return app
+
+
+def openapi_document() -> dict:
+    """The API's OpenAPI document (docs/openapi.json is this, kept current by a test)."""
+    return build_app(None).openapi()

@@ -135,6 +135,20 @@ def run_oneshot(args) -> int:
             os.close(console_fd)
 
 
+def core_exit_reason(handle) -> str:
+    """Why the core process went away, as far as its exit status tells."""
+    import signal
+    try:
+        rc = handle.process.wait(2)
+    except Exception:
+        return "the core closed the portal"
+    if rc == -signal.SIGSYS:
+        return "the core was killed by its seccomp filter (a forbidden system call)"
+    if rc < 0:
+        return f"the core was killed by signal {-rc}"
+    return f"the core exited with status {rc}"
+
+
 def _drive(handle, image: bytes, memory_mib: int, flags: int, args, console_fd: int) -> int:
     from .corelink import CoreLink, CoreRefused
     stopped = threading.Event()
@@ -153,7 +167,7 @@ def _drive(handle, image: bytes, memory_mib: int, flags: int, args, console_fd: 
         try:
             while not stopped.wait(0.5):
                 if link.client.closed:
-                    print("sealvm: the core went away", file=sys.stderr)
+                    print(f"sealvm: {core_exit_reason(handle)}", file=sys.stderr)
                     return EXIT_VM_CRASHED
         except KeyboardInterrupt:
             print("\nsealvm: stopped (Ctrl-C)", file=sys.stderr)

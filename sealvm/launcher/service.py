@@ -127,6 +127,13 @@ def run_hostd(state_dir: str, run_dir: str, host_uid: int = DEFAULT_HOST_UID,
         return 1
     if os.geteuid() != 0:
         host_uid = os.getuid()
+    from ..core.sandbox.probe import probe_capabilities
+    missing = [k for k, ok in probe_capabilities().items() if not ok]
+    if missing and not insecure:
+        print(f"sealvm hostd: this machine cannot {', '.join(missing)}; refusing to run VMs "
+              "without those defences (--insecure-dev runs anyway, for development only)",
+              file=sys.stderr)
+        return 1
     _prepare_dirs(state, run, host_uid)
     launcher = Launcher(str(run), host_uid, uid_range, insecure, core_log=str(run / "cores.log"))
     stopping = threading.Event()
