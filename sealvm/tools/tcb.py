@@ -92,7 +92,9 @@ def measure() -> dict:
     # The core's __main__ is its entry script, sealvm/core/entry.py.
     modules = ["sealvm.core.entry" if m == "__main__" else m for m in running_core_modules()]
     project = [m for m in modules if m.split(".")[0] == "sealvm"]
-    outside = sorted({m.split(".")[0] for m in modules if m.split(".")[0] != "sealvm"})
+    stdlib = sorted(m for m in modules if m.split(".")[0] in sys.stdlib_module_names)
+    outside = sorted({m.split(".")[0] for m in modules
+                      if m.split(".")[0] != "sealvm" and m not in stdlib})
     per_module = {m: count_lines(module_file(m)) for m in project if module_file(m)}
     launcher = {m: count_lines(module_file(m)) for m in LAUNCHER_MODULES}
     subsystems: dict[str, int] = {}
@@ -108,6 +110,7 @@ def measure() -> dict:
     return {"core_lines": core_total, "launcher_lines": sum(launcher.values()), "total": total,
             "budget": TCB_BUDGET, "subsystems": dict(sorted(subsystems.items())),
             "modules": per_module, "launcher": launcher, "outside_project": outside,
+            "stdlib": stdlib,
             "portal_requests": sorted(op.name for op in REQUEST_OPS),
             "portal_events": sorted(op.name for op in EVENT_OPS)}
 
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
     print(f"{'core (modules a running core loaded)':<40} {r['core_lines']:>6}")
     print(f"{'launcher':<40} {r['launcher_lines']:>6}")
     print(f"{'TOTAL (budget ' + str(r['budget']) + ')':<40} {r['total']:>6}")
-    print(f"loaded from outside the project: {', '.join(r['outside_project']) or 'nothing'}")
+    print(f"loaded from outside the project: {', '.join(r['outside_project']) or 'nothing'} "
+          f"(besides {len(r['stdlib'])} standard-library modules)")
     print(f"portal operations: {len(r['portal_requests'])} requests "
           f"({', '.join(r['portal_requests'])}) + {len(r['portal_events'])} events")
     if a.json:

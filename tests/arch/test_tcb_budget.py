@@ -35,3 +35,11 @@ def test_core_loads_nothing_from_host_owner_fleet_or_preboot():
     bad = [n for n in names if n.split(".")[:2][-1] in ("host", "owner", "fleet", "preboot")]
     assert not bad, bad
     assert "sealvm.wire.portal_client" not in names, "the core loaded the host-side client"
+
+
+@needs_kvm
+def test_launcher_measures_every_stdlib_module_a_running_core_loads():
+    from sealvm.launcher.measure import CORE_STDLIB
+    loaded = set(tcb.measure()["stdlib"])
+    missing = sorted(loaded - set(CORE_STDLIB))
+    assert not missing, f"add to CORE_STDLIB in sealvm/launcher/measure.py: {missing}"
