@@ -217,13 +217,16 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    args = C.bench_args(__doc__.splitlines()[0], argv)
-    result = run(args)
+def report(result: dict) -> None:
     C.print_rows(result["summary"])
     d = result["density"]
     print(f"  per-VM host memory: daemon {d['daemon']['per_vm_mib']:.1f} MiB, "
           f"sealvm run {d['oneshot']['per_vm_mib']:.1f} MiB")
+
+
+def main(argv=None) -> int:
+    args = C.bench_args(__doc__.splitlines()[0], argv)
+    report(run(args))
     return 0
 
 

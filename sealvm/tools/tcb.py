@@ -103,6 +103,7 @@ def measure() -> dict:
         key = ".".join(parts[:3]) if parts[1] == "core" and len(parts) > 4 else ".".join(parts[:2])
         if parts[1] == "core" and len(parts) == 4:
             key = "sealvm.core (run loop, service)"
+        key = key.rstrip(".") or "sealvm"
         subsystems[key] = subsystems.get(key, 0) + n
     from sealvm.wire.portal import EVENT_OPS, REQUEST_OPS
     core_total = sum(per_module.values())
