@@ -24,8 +24,10 @@ $(STAMPS)/apt: scripts/ensure-apt.sh Makefile | $(STAMPS)
 
 $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt | $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,tpm]'
+	@echo "installing Python packages into $(VENV) (log: $(STAMPS)/pip.log)"
+	@( $(PY) -m pip install --disable-pip-version-check --upgrade pip && \
+	   $(PY) -m pip install --disable-pip-version-check -e '.[dev,tpm]' ) > $(STAMPS)/pip.log 2>&1 \
+	   || { tail -40 $(STAMPS)/pip.log; exit 1; }
 	@touch $@
 
 # Bytecode for the core, checked against its source hash on every import (so a

@@ -88,6 +88,14 @@ def config_flags(args, memory_mib: int) -> int:
 
 def run_oneshot(args) -> int:
     try:
+        return _run(args)
+    except KeyboardInterrupt:     # Ctrl-C at any point: the core has been stopped or killed
+        print("\nsealvm: stopped (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
+    try:
         with open(args.guest, "rb") as f:
             image = f.read((1 << 30) + 1)
     except OSError as e:
@@ -126,13 +134,18 @@ def run_oneshot(args) -> int:
         return _drive(handle, image, memory_mib, flags, args, console_fd)
     finally:
         if handle is not None:
-            try:
-                handle.process.wait(10)
+            try:       # after STOP the core exits by itself; otherwise it never got going
+                handle.process.wait(10 if handle.process.poll() is None and _stopped(handle) else 0)
             except Exception:
                 handle.process.kill()
+                handle.process.wait()
         shutil.rmtree(run_dir, ignore_errors=True)
         if console_fd != 1:
             os.close(console_fd)
+
+
+def _stopped(handle) -> bool:
+    return getattr(handle, "stop_sent", False)
 
 
 def core_exit_reason(handle) -> str:
@@ -180,6 +193,7 @@ def _drive(handle, image: bytes, memory_mib: int, flags: int, args, console_fd: 
     finally:
         try:
             link.stop()
+            handle.stop_sent = True
         except CoreRefused:
             pass
         link.wait_closed(5)

@@ -132,7 +132,8 @@ def check_owner(data: bytes, ev: dict, sig: bytes, ctx: Context) -> str:
     theirs = _core_config(ev)["owner_wrap"]
     if theirs != ctx.owner_wrap_pub and not ctx.off("owner_key"):
         raise Refusal(f"core serves another owner: its core-config owner_wrap is "
-                      f"{theirs.hex()[:16]}..., this broker's is {ctx.owner_wrap_pub.hex()[:16]}...")
+                      f"{theirs.hex()[:16]}..., this broker's is "
+                      f"{ctx.owner_wrap_pub.hex()[:16]}...")
     return f"owner_wrap {theirs.hex()[:16]}..."
 
 
@@ -166,7 +167,8 @@ def appraise(data: bytes, ev: dict, sig: bytes, ctx: Context) -> dict[str, str]:
     return {name: step(data, ev, sig, ctx) for name, step in STEPS}
 
 
-def report(data: bytes, sig: bytes, ctx_for: Callable[[dict], Context]) -> list[tuple[str, bool, str]]:
+def report(data: bytes, sig: bytes,
+           ctx_for: Callable[[dict], Context]) -> list[tuple[str, bool, str]]:
     """Every step's (name, passed, finding or reason), for an offline appraisal.
 
     `ctx_for(evidence)` builds the context once the evidence names its VM."""

@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
 from ..wire import attest as A
 from .appraise import Context, Refusal, appraise, parse
 from .keys import OwnerError, load_sign_key, load_wrap_key, raw_public
@@ -259,12 +263,8 @@ class Broker:
 
 
 def create_app(directory: str | Path, clock: Callable[[], float] = time.time,
-               environ: Mapping[str, str] = os.environ):
+               environ: Mapping[str, str] = os.environ) -> FastAPI:
     """The broker as an ASGI app (FastAPI); serve it with uvicorn."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
     broker = Broker(directory, clock, environ)
     app = FastAPI(title="sealvm key broker", docs_url=None, redoc_url=None)
     app.state.broker = broker

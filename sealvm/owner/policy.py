@@ -81,7 +81,7 @@ def load_policy(directory: str | Path, sign_pub: Ed25519PublicKey | bytes | None
     try:
         data, sig = (d / POLICY_FILE).read_bytes(), (d / POLICY_SIG).read_bytes()
     except OSError as e:
-        raise OwnerError(f"{d / POLICY_FILE}: cannot read the signed policy: {e.strerror}") from None
+        raise OwnerError(f"{e.filename}: cannot read the signed policy: {e.strerror}") from None
     try:
         A.ed25519_verify(sign_pub, sig, data, "signature")
     except A.AttestError:

@@ -62,19 +62,40 @@ def enter_long_mode(vcpu, cpl: int = 0) -> None:
 
 
 class Guest:
-    """One VM with a memfd RAM slot at GPA 0, one vCPU in long mode, `code` at CODE_GPA."""
+    """One VM with a memfd RAM slot at GPA 0, one vCPU in long mode, `code` at CODE_GPA.
 
-    def __init__(self, kvm: Kvm, code: bytes, *, cpl: int = 0):
+    `irqchip=True` creates the in-kernel irqchip first; `dirty_log=True` sets the
+    slot with KVM_MEM_LOG_DIRTY_PAGES through `self.dirty_log` (a state.DirtyLog).
+    Both use sealvm.core.kvm.state, imported only then.
+    """
+
+    def __init__(self, kvm: Kvm, code: bytes, *, cpl: int = 0, irqchip: bool = False,
+                 dirty_log: bool = False):
         self.kvm = kvm
         self.vm = kvm.create_vm()
         self.mem = GuestMemory.create(RAM_SIZE, "sealvm-test-ram")
         self.vcpu = None
-        self.vm.set_user_memory_region(0, 0, 0, RAM_SIZE, self.mem.host_address())
-        identity_map_4g(self.mem)
-        self.mem.write(CODE_GPA, code)
-        self.vcpu = self.vm.create_vcpu(0)
-        self.vcpu.set_cpuid2(kvm.supported_cpuid())
-        enter_long_mode(self.vcpu, cpl)
+        self.dirty_log = None
+        try:
+            if irqchip or dirty_log:
+                from sealvm.core.kvm import state
+                from sealvm.core.kvm import state_structs as SS
+                if irqchip:
+                    state.create_irqchip(self.vm)
+                if dirty_log:
+                    self.dirty_log = state.DirtyLog(self.vm)
+                    self.dirty_log.set_user_memory_region(0, SS.KVM_MEM_LOG_DIRTY_PAGES, 0,
+                                                          RAM_SIZE, self.mem.host_address())
+            if self.dirty_log is None:
+                self.vm.set_user_memory_region(0, 0, 0, RAM_SIZE, self.mem.host_address())
+            identity_map_4g(self.mem)
+            self.mem.write(CODE_GPA, code)
+            self.vcpu = self.vm.create_vcpu(0)
+            self.vcpu.set_cpuid2(kvm.supported_cpuid())
+            enter_long_mode(self.vcpu, cpl)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def run(self):
@@ -89,7 +110,7 @@ class Guest:
 
 @pytest.fixture
 def guest(kvm):
-    """Factory: guest(code, cpl=0) -> Guest (closed after)."""
+    """Factory: guest(code, cpl=0, irqchip=False, dirty_log=False) -> Guest (closed after)."""
     made: list[Guest] = []
 
     def make(code: bytes, **kw) -> Guest:

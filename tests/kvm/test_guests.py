@@ -83,11 +83,15 @@ def test_idle_guest_sleeps_instead_of_spinning():
     assert cpu < wall / 2, f"idle guest used {cpu:.2f}s CPU in {wall:.2f}s"
 
 
-def test_ctrl_c_stops_the_vm_cleanly():
-    p = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "run", str(guest_image("idle")),
-                          "--cmdline", "secs=30"], cwd=ROOT,
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_ctrl_c_stops_the_vm_cleanly(when):
+    p = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "run", str(guest_image("memtouch")),
+                          "--cmdline", "mib=4 secs=30 rate=100"], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    if when == "running":
+        assert p.stdout.readline().startswith(b"memtouch")   # the guest is running
+    else:
+        time.sleep(0.3)                                       # still starting up
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=10)
     assert p.returncode == 130, err.decode()

@@ -2,7 +2,9 @@
 
 A C program generated from the Python bindings includes <linux/kvm.h> and
 prints sizeof/offsetof of every bound structure and field and the value of
-every constant and ioctl number; each case compares one of them.
+every constant and ioctl number; each case compares one of them.  That covers
+the running core's bindings (structs.py, ioctls.py) and the state bindings a
+core does not load yet (state_structs.py, used by state.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import subprocess
 import pytest
 
 from sealvm.core.kvm import ioctls as K
+from sealvm.core.kvm import state_structs as SS
 from sealvm.core.kvm import structs as S
 
 
@@ -36,7 +39,7 @@ def _fields(cls, c_prefix: str, py_prefix: str, base: int):
 def _checks():
     """(id, C expression, Python value or None if it may be absent from the header)."""
     out = []
-    for cls in S.C_STRUCTS:
+    for cls in S.C_STRUCTS + SS.C_STRUCTS:
         n = cls.__name__
         out.append((f"sizeof:{n}", f"sizeof(struct {n})", ctypes.sizeof(cls)))
         for c_path, py_path, off, size in _fields(cls, "", "", 0):
@@ -45,10 +48,15 @@ def _checks():
                 out.append((f"sizeof:{n}.{py_path}", f"sizeof(((struct {n} *)0)->{c_path})", size))
     out.append(("flex:kvm_cpuid2[5]", "sizeof(struct kvm_cpuid2) + 5 * sizeof(struct kvm_cpuid_entry2)",
                 ctypes.sizeof(S.kvm_cpuid2_n(5))))
-    for name in sorted(vars(K)):
-        value = getattr(K, name)
-        if name.startswith("KVM") and isinstance(value, int) and not isinstance(value, bool):
-            out.append((f"const:{name}", name, value))
+    out.append(("flex:kvm_msrs[3]", "sizeof(struct kvm_msrs) + 3 * sizeof(struct kvm_msr_entry)",
+                ctypes.sizeof(SS.kvm_msrs_n(3))))
+    out.append(("flex:kvm_msr_list[5]", "sizeof(struct kvm_msr_list) + 5 * sizeof(__u32)",
+                ctypes.sizeof(SS.kvm_msr_list_n(5))))
+    for module in (K, SS):
+        for name in sorted(vars(module)):
+            value = getattr(module, name)
+            if name.startswith("KVM") and isinstance(value, int) and not isinstance(value, bool):
+                out.append((f"const:{name}", name, value))
     for number, name in enumerate(K.EXIT_NAMES):   # the exit-name table, by number
         out.append((f"const:KVM_EXIT_{name}", f"KVM_EXIT_{name}", number))
     return out
@@ -112,11 +120,32 @@ def test_matches_header(c_values, ident, expr, py_value):
 
 
 # ---- Python-only invariants ----------------------------------------------------------
+def _ioctls(module) -> list[str]:
+    return [k for k, v in vars(module).items() if k.startswith("KVM_") and isinstance(v, int)
+            and (v >> 8) & 0xFF == K.KVMIO]
+
+
 def test_ioctl_numbers_are_distinct():
-    ioctls = [k for k, v in vars(K).items() if k.startswith("KVM_") and isinstance(v, int)
-              and (v >> 8) & 0xFF == K.KVMIO]
+    ioctls = _ioctls(K)
     assert sorted(K.IOCTL_NAMES.values()) == sorted(ioctls), "two bound ioctls share a number"
     assert K.IOCTL_NAMES[K.KVM_RUN] == "KVM_RUN"
+
+
+def test_state_ioctls_are_distinct_and_new():
+    ioctls = _ioctls(SS)
+    assert sorted(SS.IOCTL_NAMES.values()) == sorted(ioctls), "two state ioctls share a number"
+    assert not set(SS.IOCTL_NAMES) & set(K.IOCTL_NAMES), "a state ioctl repeats a core one"
+    assert not {k for k in vars(SS) if k.startswith("KVM")} & set(vars(K)), \
+        "state_structs redefines a name of ioctls.py"
+    assert SS.IOCTL_NAMES[SS.KVM_IRQFD] == "KVM_IRQFD"
+
+
+def test_state_builders():
+    m = SS.kvm_msrs_n(2)(nmsrs=2)
+    assert ctypes.sizeof(m) == 8 + 2 * 16 and SS.kvm_msrs_n(2) is type(m)
+    assert ctypes.sizeof(SS.kvm_msr_list_n(0)) == ctypes.sizeof(SS.kvm_msr_list)
+    with pytest.raises(ValueError):
+        SS.kvm_msrs_n(-1)
 
 
 def test_run_union_is_256_bytes():
