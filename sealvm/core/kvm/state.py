@@ -34,6 +34,7 @@ from .api import Kvm, KvmError, VcpuFd, VmFd, ioctl
 
 _PAGE = 4096              # KVM's dirty-log page (x86 TARGET_PAGE_SIZE)
 _HOST_PAGE = mmap.PAGESIZE
+_PROT_NONE = 0             # <sys/mman.h>; the mmap module has no PROT_NONE before 3.13
 
 # SAFETY: this process's own libc; prototype as in <sys/mman.h>: mprotect(void *, size_t, int).
 _mprotect = ctypes.CDLL(None, use_errno=True).mprotect
@@ -66,7 +67,8 @@ def _get(owner: VmFd | VcpuFd, request: int, obj):
 
 def _set(owner: VmFd | VcpuFd, request: int, obj, cls) -> None:
     if not isinstance(obj, cls):
-        raise TypeError(f"{S.IOCTL_NAMES[request]} takes a {cls.__name__}, not {type(obj).__name__}")
+        raise TypeError(f"{S.IOCTL_NAMES[request]} takes a {cls.__name__}, "
+                        f"not {type(obj).__name__}")
     # SAFETY: `obj` is a whole `cls`, the structure `request` encodes; the kernel reads it.
     _call(owner, request, obj)
 
@@ -91,6 +93,8 @@ def enable_cap(owner: VmFd | VcpuFd, cap: int, *args: int, flags: int = 0) -> No
 
 # ---- vCPU registers and state ----------------------------------------------------------
 def get_fpu(vcpu: VcpuFd) -> S.kvm_fpu:
+    """x87 and XMM registers.  KVM leaves `mxcsr` 0 here and KVM_SET_FPU ignores it:
+    MXCSR travels in the XSAVE area (get_xsave)."""
     return _get(vcpu, S.KVM_GET_FPU, S.kvm_fpu())
 
 
@@ -334,11 +338,11 @@ class DirtyLog:
             base = ctypes.addressof(view)
             del view
             # SAFETY: the last page of our own page-aligned mapping becomes PROT_NONE.
-            if _mprotect(base + span, _HOST_PAGE, mmap.PROT_NONE) != 0:
+            if _mprotect(base + span, _HOST_PAGE, _PROT_NONE) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"mprotect of the dirty bitmap's guard page: {os.strerror(err)}")
             d = S.kvm_dirty_log(slot=_uint("slot", slot, 32), dirty_bitmap=base + span - nbytes)
-            # SAFETY: the kernel writes the slot's `nbytes`, ending at the guard page; more faults (EFAULT).
+            # SAFETY: the kernel writes the slot's `nbytes`, ending at the guard page (more: EFAULT).
             _call(self.vm, S.KVM_GET_DIRTY_LOG, d)
             return area[span - nbytes:span]
         finally:
@@ -362,5 +366,5 @@ class DirtyLog:
         # SAFETY: the address of `buf`, which stays alive (a local) until the ioctl returns.
         c = S.kvm_clear_dirty_log(slot=_uint("slot", slot, 32), num_pages=num_pages,
                                   first_page=first_page, dirty_bitmap=ctypes.addressof(buf))
-        # SAFETY: the kernel reads ALIGN(num_pages, 64)/8 = `need` bytes from `buf`, which holds them.
+        # SAFETY: the kernel reads ALIGN(num_pages, 64)/8 = `need` bytes from `buf`, all in it.
         _call(self.vm, S.KVM_CLEAR_DIRTY_LOG, c)
