@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .host.cli_vm import add_parser as add_vm_parser
     add_vm_parser(sub, parse_size)
+    from .owner.cli import add_parser as add_owner_parser
+    add_owner_parser(sub)
     return p
 
 
@@ -147,6 +149,9 @@ def _main(argv: list[str] | None = None) -> int:
         return run_hostd(args.state_dir, args.run_dir, args.host_uid, _uid_range(args.uid_range),
                          args.insecure_dev,
                          ["--insecure-dev"] if args.insecure_dev else [])
+    if args.command == "owner":
+        from .owner.cli import run as run_owner
+        return run_owner(args)
     if args.command == "vm":
         from .host.cli_vm import run as run_vm_command
         return run_vm_command(args)

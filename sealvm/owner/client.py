@@ -10,6 +10,17 @@ hex are checked; the core's unwrap is what proves the keys came from the owner.
 
 A refusal raises `BrokerRefused` carrying the broker's reason; a broker that cannot
 be reached or answers nonsense raises `BrokerUnavailable`.
+
+What a caller should do with each outcome:
+- success: hand (wrapped, salt) to the core, which opens them with
+  `unwrap_keys(wrapped, salt, ephemeral_private, nonce, owner_wrap_pub)`; if that
+  fails, the answer was swapped or altered on the way, and the VM must not boot.
+- `BrokerRefused`: the owner's policy said no (the reason names the check). Do not
+  retry with the same evidence: its nonce is spent. Report the reason and stop.
+- `BrokerUnavailable`: nothing was appraised, or the answer was lost. Retrying is
+  safe, but always from a fresh challenge with a fresh ephemeral key.
+The `make_evidence` callable runs between the two requests, so the nonce's 60 s
+cover the core's signing; keep it short.
 """
 from __future__ import annotations
 

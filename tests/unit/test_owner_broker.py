@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
 import types
+from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealvm.owner import broker as B
-from sealvm.owner import keys, manifest, policy
+from sealvm.owner import client, keys, manifest, policy
 from sealvm.owner.appraise import Refusal
 from sealvm.wire import attest as A
 from tests.security.test_broker_attacks import CMDLINE, HOST, IMAGE, VM, Core, build_log
@@ -244,3 +249,40 @@ def test_owner_verify_prints_an_offline_appraisal(owner, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "FAIL root: software root: host key" in out
     assert "FAIL manifest: manifest mismatch: cmdline" in out and "ok   core measurement" in out
+
+
+# ---- the broker as its own process ---------------------------------------------------------
+
+def test_broker_process_ignores_test_switches_outside_test_mode(owner):
+    """`serve` in a fresh interpreter; SEALVM_BROKER_TEST_DISABLE without test mode is inert."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "SEALVM_TEST_MODE"}
+    env.update(SEALVM_BROKER_TEST_DISABLE="ak_sig", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    code = ("import sys; from sealvm.owner.broker import serve; "
+            "serve(sys.argv[1], '127.0.0.1', int(sys.argv[2]))")
+    p = subprocess.Popen([sys.executable, "-c", code, str(owner), str(port)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url, core = f"http://127.0.0.1:{port}", core_for(owner)
+        with httpx.Client(timeout=5, trust_env=False) as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    nonce = client.challenge(http, url, VM)
+                    break
+                except client.BrokerUnavailable:
+                    assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+                    time.sleep(0.05)
+            data, _ = core.evidence(nonce)
+            with pytest.raises(client.BrokerRefused, match="evidence signature does not verify"):
+                client.submit(http, url, data, bytes(64))
+            nonce = client.challenge(http, url, VM)
+            got = client.submit(http, url, *core.evidence(nonce))
+            assert A.unwrap_keys(*got, core.eph, nonce, core.owner_wrap) == \
+                manifest.load_vm_keys(owner, VM)
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=10)
+    assert b"IGNORING SEALVM_BROKER_TEST_DISABLE" in err
