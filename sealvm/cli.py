@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "/sys/kernel/mm/transparent_hugepage/shmem_enabled = advise, within_size "
                         "or always), 'hugetlb' = the reserved pool (vm.nr_hugepages must cover "
                         "the RAM size) (default: off)")
+    r.add_argument("--manifest", metavar="DIR",
+                   help="the owner's signed manifest for this VM (a directory with manifest.json "
+                        "and manifest.json.sig, as `sealvm owner sign` writes it): the core "
+                        "checks the guest against it and gets the VM's keys from --broker")
+    r.add_argument("--owner-pub", metavar="FILE",
+                   help="the owner's public keys (default: owner.pub.json two levels above "
+                        "--manifest)")
+    r.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
+                   help="the owner's key broker (default %(default)s)")
     r.add_argument("--bench-sinks", action="store_true", help=argparse.SUPPRESS)
 
     h = sub.add_parser(
@@ -113,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_vm_parser(sub, parse_size)
     from .owner.cli import add_parser as add_owner_parser
     add_owner_parser(sub)
+    sub.add_parser("measure", help="print this host's root key and core measurement (for the "
+                                   "owner's policy)",
+                   description="Measure the core as the launcher does before every VM and print "
+                               "the host's software root public key and the core measurement, "
+                               "as JSON, for `sealvm owner policy add host|core`.")
     return p
 
 
@@ -149,6 +163,11 @@ def _main(argv: list[str] | None = None) -> int:
         return run_hostd(args.state_dir, args.run_dir, args.host_uid, _uid_range(args.uid_range),
                          args.insecure_dev,
                          ["--insecure-dev"] if args.insecure_dev else [])
+    if args.command == "measure":
+        import json
+        from .launcher.attest_boot import describe
+        print(json.dumps(describe(sys.executable), indent=1))
+        return 0
     if args.command == "owner":
         from .owner.cli import run as run_owner
         return run_owner(args)

@@ -9,7 +9,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[0] = ROOT
-sys.path.append(os.path.join(sys.prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
+# Without the site module sys.prefix is the base interpreter's; the packages
+# (cryptography) are in the virtual environment the interpreter was run from.
+_env = os.path.dirname(os.path.dirname(sys.executable))
+if not os.path.exists(os.path.join(_env, "pyvenv.cfg")):
+    _env = sys.prefix
+sys.path.append(os.path.join(_env, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
                              "site-packages"))
 
 from sealvm.core.main import main  # noqa: E402

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 from ..wire import portal as P
 from . import sandbox
+from .attestation import Attestation, AttestationFailed, read_bundle
 from .service import Refused, VmService
 from .vcpu import install_kick_handler
 
@@ -192,7 +193,7 @@ def protect_guest_memory(machine) -> None:
 
 
 ARGS = {"vm-id": str, "host-uid": int, "memory-mib": int, "kvm-fd": int, "portal-fd": int,
-        "listen-fd": int}
+        "listen-fd": int, "attest-fd": int, "preboot-fd": int}
 
 
 def parse_args(argv: list[str]) -> SimpleNamespace:
@@ -211,15 +212,23 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format=f"core[{args.vm_id}] %(levelname)s %(message)s")
-    keep = {0, 1, 2, args.kvm_fd, args.portal_fd, args.listen_fd}
+    keep = {fd for fd in (0, 1, 2, args.kvm_fd, args.portal_fd, args.listen_fd, args.attest_fd,
+                          args.preboot_fd) if fd >= 0}
     try:
         sandbox.harden_process(mlock_limit_needed=KEY_LOCK_BYTES, keep_fds=keep)
     except sandbox.SandboxError as e:
         log.error("cannot harden the core: %s", e)
         return 2
+    try:
+        bundle = read_bundle(args.attest_fd)
+    except (AttestationFailed, OSError, ValueError) as e:
+        log.error("cannot read the launcher's boot bundle: %s", e)
+        return 2
+    attestation = Attestation(bundle, args.preboot_fd) if bundle is not None else None
     install_kick_handler()            # signals can only be set up on the main thread
     portal = Portal()
     service = VmService(args.vm_id, args.memory_mib, portal.emit, kvm_fd=args.kvm_fd,
+                        attestation=attestation,
                         harden_memory=protect_guest_memory,
                         before_start=sandbox.install_core_filter)
     dispatcher = Dispatcher(service, portal)

@@ -17,6 +17,7 @@ from collections import deque
 from typing import Callable
 
 from .addr import MiB
+from .attestation import Attestation, AttestationFailed
 from .boot.errors import BootError
 from .machine import Machine, MachineConfig, MachineError
 from .memory import MemoryConfigError, RamOptions
@@ -27,6 +28,7 @@ log = logging.getLogger("sealvm.core")
 EMPTY, CONFIGURED, RUNNING, PAUSED, STOPPED = range(5)
 STATE_NAMES = ("empty", "configured", "running", "paused", "stopped")
 MAX_IMAGE = 1 << 30
+MAX_MANIFEST = 1 << 20
 CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
 ENTRY_MODES = {1: "pvh", 2: "long"}
@@ -46,6 +48,7 @@ class Refused(Exception):
 class VmService:
     def __init__(self, vm_id: str, memory_limit_mib: int, emit: Callable[[str, dict], bool], *,
                  kvm_fd: int | None = None,
+                 attestation: "Attestation | None" = None,
                  harden_memory: Callable[[Machine], None] = lambda m: None,
                  before_start: Callable[[], None] = lambda: None):
         self.vm_id = vm_id
@@ -57,8 +60,8 @@ class VmService:
         self._lock = threading.RLock()
         self.state = EMPTY
         self.token: bytes | None = None
-        self.image = bytearray()
-        self.image_total = 0
+        self.blobs: dict[int, list] = {}      # image kind -> [bytes so far, announced total]
+        self.attestation = attestation
         self.machine: Machine | None = None
         self.exit_status = -1
         self.stop_reason = ""
@@ -87,26 +90,29 @@ class VmService:
     def load_image(self, kind: int, offset: int, total: int, data: bytes) -> None:
         with self._lock:
             self._need(EMPTY)
-            if kind != 1:
+            if kind not in (1, 3):
                 raise Refused("OUT_OF_RANGE", f"image kind {kind} is not supported by this core")
-            if not 0 < total <= MAX_IMAGE:
-                raise Refused("OUT_OF_RANGE", f"image size {total} outside 1..{MAX_IMAGE}")
+            if not 0 < total <= (MAX_IMAGE if kind == 1 else MAX_MANIFEST):
+                raise Refused("OUT_OF_RANGE", f"size {total} of image kind {kind} out of range")
+            buf = self.blobs.setdefault(kind, [bytearray(), total])
             if offset == 0:
-                self.image = bytearray()
-                self.image_total = total
-            if total != self.image_total or offset != len(self.image):
-                raise Refused("OUT_OF_RANGE", f"image chunk at {offset} but {len(self.image)} "
-                                              f"of {self.image_total} bytes received")
+                buf[:] = [bytearray(), total]
+            if total != buf[1] or offset != len(buf[0]):
+                raise Refused("OUT_OF_RANGE", f"image chunk at {offset} but {len(buf[0])} "
+                                              f"of {buf[1]} bytes received")
             if offset + len(data) > total:
                 raise Refused("OUT_OF_RANGE", "image chunk runs past the announced size")
-            self.image += data
+            buf[0] += data
 
     def configure(self, memory_mib: int, vcpus: int, entry: int, flags: int, cmdline: str) -> None:
         with self._lock:
             self._need(EMPTY)
-            if len(self.image) != self.image_total or not self.image:
-                raise Refused("WRONG_STATE", f"image incomplete: {len(self.image)} of "
-                                             f"{self.image_total} bytes")
+            image, total = self.blobs.get(1, [b"", 0])
+            if len(image) != total or not image:
+                raise Refused("WRONG_STATE", f"image incomplete: {len(image)} of {total} bytes")
+            manifest = self.blobs.get(3)
+            if manifest is not None and len(manifest[0]) != manifest[1]:
+                raise Refused("WRONG_STATE", "owner manifest incomplete")
             if not 2 <= memory_mib <= self.memory_limit_mib:
                 raise Refused("OUT_OF_RANGE", f"memory {memory_mib} MiB outside 2.."
                                               f"{self.memory_limit_mib} (the launcher's limit)")
@@ -114,7 +120,16 @@ class VmService:
                     flags & FLAG_THP and flags & FLAG_HUGETLB):
                 raise Refused("OUT_OF_RANGE", "unknown entry mode or flags")
             huge = "thp" if flags & FLAG_THP else "hugetlb" if flags & FLAG_HUGETLB else None
-            cfg = MachineConfig(image=bytes(self.image), memory=memory_mib * MiB, vcpus=vcpus,
+            if manifest is not None:
+                if self.attestation is None:
+                    raise Refused("FAILED", "this core was started without attestation")
+                try:
+                    self.attestation.configure(bytes(manifest[0]), bytes(image), cmdline,
+                                               memory_mib, vcpus, ENTRY_MODES[entry],
+                                               ["rng"] if flags & FLAG_RNG else [])
+                except AttestationFailed as e:
+                    raise Refused("FAILED", str(e)) from None
+            cfg = MachineConfig(image=bytes(image), memory=memory_mib * MiB, vcpus=vcpus,
                                 cmdline=cmdline, entry=ENTRY_MODES[entry],
                                 rng=bool(flags & FLAG_RNG), kvm_fd=self.kvm_fd,
                                 bench_sinks=bool(flags & FLAG_BENCH_SINKS),
@@ -130,13 +145,21 @@ class VmService:
                 machine.close()
                 raise Refused("FAILED", f"cannot build the VM: {e}") from None
             self.machine = machine
-            self.image = bytearray()
+            self.blobs.clear()
             self.state = CONFIGURED
 
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
         with self._lock:
             self._need(CONFIGURED)
+            if self.attestation is not None:
+                try:     # before the guest's first instruction and before seccomp
+                    self.attestation.release()
+                except AttestationFailed as e:
+                    self._emit("LOG", {"level": 40, "message": clip(str(e))})
+                    raise Refused("FAILED", str(e)) from None
+                self._emit("LOG", {"level": 20, "message": clip(
+                    "attestation: " + self.attestation.result)})
             self._before_start()
             self.state = RUNNING
             self.machine.start()

@@ -26,7 +26,8 @@ class CoreRefused(Exception):
 class CoreLink:
     def __init__(self, vm_id: str, sock: socket.socket, console_log: Path | None,
                  on_stopped: Callable[[str, int, str], None] | None = None,
-                 on_console: Callable[[bytes], None] | None = None):
+                 on_console: Callable[[bytes], None] | None = None,
+                 on_log: Callable[[int, str], None] | None = None):
         self.vm_id = vm_id
         self.console_path = console_log
         self._console = self._core_log = None
@@ -35,6 +36,7 @@ class CoreLink:
             self._core_log = open(console_log.with_name("core.log"), "a", buffering=1)
         self._on_stopped = on_stopped
         self._on_console = on_console
+        self._on_log = on_log
         self._closed = threading.Event()
         self.stopped: tuple[int, str] | None = None
         self.client = PortalClient(sock, on_event=self._event)
@@ -55,6 +57,8 @@ class CoreLink:
             if self._on_stopped is not None:
                 self._on_stopped(self.vm_id, f["exit_status"], f["reason"])
         elif op == P.EVENTS["LOG"]:
+            if self._on_log is not None:
+                self._on_log(int(f["level"]), f["message"])
             if self._core_log is not None:
                 self._core_log.write(f"[{int(f['level'])}] {f['message']}\n")
 
@@ -78,10 +82,10 @@ class CoreLink:
         except (PortalClosed, PortalTimeout, OSError) as e:
             raise CoreRefused(f"core unreachable: {e}") from None
 
-    def load_image(self, data: bytes) -> None:
+    def load_image(self, data: bytes, kind: int = 1) -> None:
         total = len(data)
         for off in range(0, total, IMAGE_CHUNK):
-            self._call(Op.LOAD_IMAGE, kind=P.ImageKind(1), offset=off, total=total,
+            self._call(Op.LOAD_IMAGE, kind=P.ImageKind(kind), offset=off, total=total,
                        data=data[off:off + IMAGE_CHUNK])
 
     def configure(self, memory_mib: int, vcpus: int, entry: int, flags: int, cmdline: str) -> None:

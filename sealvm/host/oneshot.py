@@ -86,6 +86,24 @@ def config_flags(args, memory_mib: int) -> int:
     return flags
 
 
+def manifest_bundle(args) -> bytes | None:
+    """The owner's manifest, its signature, keys and broker, for the core to check."""
+    if not args.manifest:
+        return None
+    import json
+    from pathlib import Path
+    d = Path(args.manifest)
+    pub = Path(args.owner_pub) if args.owner_pub else d.parent.parent / "owner.pub.json"
+    try:
+        owner = json.loads(pub.read_text())
+        return json.dumps({"manifest": (d / "manifest.json").read_text(),
+                           "signature": (d / "manifest.json.sig").read_bytes().hex(),
+                           "owner_sign": owner["sign"], "owner_wrap": owner["wrap"],
+                           "broker": args.broker}).encode()
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the owner's manifest or keys: {e}") from None
+
+
 def run_oneshot(args) -> int:
     try:
         return _run(args)
@@ -108,6 +126,7 @@ def _run(args) -> int:
                      f"not {args.memory} bytes")
     try:
         flags = config_flags(args, memory_mib)
+        manifest = manifest_bundle(args)
     except ValueError as e:
         return _fail(str(e))
     console_fd = 1
@@ -122,7 +141,8 @@ def _run(args) -> int:
     try:
         try:
             handle = spawn_core(f"run-{os.getpid()}", memory_mib=memory_mib, run_dir=run_dir,
-                                host_uid=os.getuid(), insecure_same_uid=os.geteuid() != 0)
+                                host_uid=os.getuid(), insecure_same_uid=os.geteuid() != 0,
+                                attest=manifest is not None)
         except LaunchError as e:
             return _fail(str(e))
         # The core is starting (its interpreter and imports take most of the
@@ -131,7 +151,7 @@ def _run(args) -> int:
         if problem:
             handle.process.kill()
             return _fail(problem)
-        return _drive(handle, image, memory_mib, flags, args, console_fd)
+        return _drive(handle, image, manifest, memory_mib, flags, args, console_fd)
     finally:
         if handle is not None:
             try:       # after STOP the core exits by itself; otherwise it never got going
@@ -148,6 +168,12 @@ def _stopped(handle) -> bool:
     return getattr(handle, "stop_sent", False)
 
 
+def _show_attestation(level: int, message: str) -> None:
+    if message.startswith(("attestation", "the owner's broker", "attestation failed")) \
+            or level >= 40:
+        print(f"sealvm: {message}", file=sys.stderr)
+
+
 def core_exit_reason(handle) -> str:
     """Why the core process went away, as far as its exit status tells."""
     import signal
@@ -162,16 +188,20 @@ def core_exit_reason(handle) -> str:
     return f"the core exited with status {rc}"
 
 
-def _drive(handle, image: bytes, memory_mib: int, flags: int, args, console_fd: int) -> int:
+def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags: int, args,
+           console_fd: int) -> int:
     from .corelink import CoreLink, CoreRefused
     stopped = threading.Event()
     link = CoreLink(handle.vm_id, handle.portal, None,
                     on_stopped=lambda *_: stopped.set(),
-                    on_console=lambda data: os.write(console_fd, data))
+                    on_console=lambda data: os.write(console_fd, data),
+                    on_log=_show_attestation)
     try:
         try:
             link.hello()
             link.load_image(image)
+            if manifest is not None:
+                link.load_image(manifest, kind=3)
             link.configure(memory_mib, args.vcpus, ENTRY_CODES[args.entry],
                            flags, args.cmdline)
             link.start()
@@ -194,7 +224,7 @@ def _drive(handle, image: bytes, memory_mib: int, flags: int, args, console_fd: 
         try:
             link.stop()
             handle.stop_sent = True
-        except CoreRefused:
+        except (CoreRefused, RuntimeError):   # RuntimeError: the core never said HELLO
             pass
         link.wait_closed(5)
         link.close()

@@ -32,6 +32,7 @@ CORE_STDLIB = sorted("""
     importlib._bootstrap_external importlib.machinery inspect io keyword linecache logging mmap
     opcode operator os os.path posixpath re re._casefix re._compiler re._constants re._parser
     reprlib resource selectors signal socket stat string struct textwrap threading token tokenize
+    base64 random secrets json json.decoder json.encoder json.scanner _json
     traceback types typing warnings weakref zipimport
 """.split())
 
@@ -66,6 +67,26 @@ def stdlib_files(names: list[str] = CORE_STDLIB) -> list[tuple[str, Path]]:
     return out
 
 
+LIBRARIES = ("cryptography", "_cffi_backend")   # what the core imports from site-packages
+
+
+def library_files(names: tuple[str, ...] = LIBRARIES) -> list[tuple[str, Path]]:
+    """Every file of the third-party packages the core may load (sources and binaries)."""
+    out = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        origin = Path(spec.origin)
+        if spec.submodule_search_locations:          # a package: all of its files
+            base = origin.parent
+            out += [(f"{name}/{p.relative_to(base)}", p) for p in sorted(base.rglob("*"))
+                    if p.is_file() and p.suffix in (".py", ".pyc", ".so")]
+        else:
+            out.append((name, origin))
+    return out
+
+
 def pth_files(prefix: str = sys.prefix) -> list[Path]:
     site = Path(prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
     return sorted(site.glob("*.pth")) if site.is_dir() else []
@@ -77,6 +98,7 @@ def measure_core(python: str = sys.executable, root: Path = ROOT) -> list[dict]:
     log = [_entry("interpreter", interpreter, file_digest(interpreter))]
     log += [_entry("core-file", str(p.relative_to(root)), file_digest(p)) for p in core_files(root)]
     log += [_entry("stdlib-file", name, file_digest(p)) for name, p in stdlib_files()]
+    log += [_entry("library-file", name, file_digest(p)) for name, p in library_files()]
     log += [_entry("pth-file", p.name, file_digest(p)) for p in pth_files()]
     return log
 

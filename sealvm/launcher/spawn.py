@@ -16,6 +16,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class CoreHandle:
     socket_path: str
     portal: socket.socket      # the caller's end of the socketpair
     process: subprocess.Popen
+    preboot: subprocess.Popen | None = None   # the short-lived attestation stage
 
 
 def uids_in_use(lo: int, hi: int) -> set[int]:
@@ -76,6 +78,7 @@ def check_vm_id(vm_id: str) -> str:
 
 
 CORE_ENTRY = Path(__file__).resolve().parents[1] / "core" / "entry.py"
+PREBOOT_ENTRY = Path(__file__).resolve().parents[1] / "preboot" / "entry.py"
 
 
 def core_command(python: str = sys.executable) -> list[str]:
@@ -85,10 +88,14 @@ def core_command(python: str = sys.executable) -> list[str]:
     return [python, "-I", "-S", "-B", str(CORE_ENTRY)]
 
 
+def preboot_command(python: str = sys.executable) -> list[str]:
+    return [python, "-I", "-B", str(PREBOOT_ENTRY)]
+
+
 def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_uid: int,
                uid_range: tuple[int, int] = DEFAULT_UID_RANGE, insecure_same_uid: bool = False,
                reserved_uids: set[int] = frozenset(), log_fd: int | None = None,
-               force_uid: int | None = None) -> CoreHandle:
+               force_uid: int | None = None, attest: bool = False) -> CoreHandle:
     """Start the core for `vm_id`; the caller gets the portal socket and the pid.
 
     `force_uid` skips the one-uid-per-VM rule; only the security tests' paired
@@ -114,6 +121,9 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     kvm_fd = -1
+    boot_r = boot_w = -1
+    core_pb = pb_core = None
+    preboot = None
     try:
         listener.bind(sock_path)
         if root:
@@ -124,7 +134,18 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
             kvm_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise LaunchError(f"cannot open /dev/kvm: {e.strerror}") from None
-        fds = {"kvm": kvm_fd, "portal": theirs.fileno(), "listen": listener.fileno()}
+        fds = {"kvm": kvm_fd, "portal": theirs.fileno(), "listen": listener.fileno(),
+               "attest": -1, "preboot": -1}
+        if attest:
+            # Measure before the core exists; the bundle reaches only the core, by a pipe.
+            from .attest_boot import BootKeyError, boot_bundle
+            try:
+                bundle = boot_bundle(sys.executable)
+            except (BootKeyError, OSError) as e:
+                raise LaunchError(f"cannot prepare attestation: {e}") from None
+            boot_r, boot_w = os.pipe()
+            core_pb, pb_core = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fds.update(attest=boot_r, preboot=core_pb.fileno())
         argv = core_command() + [f"--vm-id={vm_id}", f"--host-uid={host_uid}",
                                  f"--memory-mib={memory_mib}"] + \
             [f"--{k}-fd={v}" for k, v in fds.items()]
@@ -135,10 +156,16 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
         kw = {}
         if root and uid != 0:
             kw = dict(user=uid, group=uid, extra_groups=[])
-        proc = subprocess.Popen(argv, pass_fds=tuple(fds.values()), env=env, cwd="/",
-                                stdin=subprocess.DEVNULL, stdout=log_fd or subprocess.DEVNULL,
-                                stderr=log_fd or subprocess.DEVNULL, start_new_session=True,
-                                **kw)
+        out = dict(stdin=subprocess.DEVNULL, stdout=log_fd or subprocess.DEVNULL,
+                   stderr=log_fd or subprocess.DEVNULL, start_new_session=True, cwd="/", **kw)
+        proc = subprocess.Popen(argv, pass_fds=tuple(v for v in fds.values() if v >= 0),
+                                env=env, **out)
+        if attest:
+            # The two-step stage: the network and TPM code the core must not carry.
+            preboot = subprocess.Popen(preboot_command() + [f"--core-fd={pb_core.fileno()}"],
+                                       pass_fds=(pb_core.fileno(),), env=env, **out)
+            threading.Thread(target=_write_all, args=(boot_w, bundle), daemon=True).start()
+            boot_w = -1
         if root:
             need = memory_mib * (1 << 20) + LOCK_SLACK
             # The core locks guest RAM only after CONFIGURE, which comes later over the portal.
@@ -152,7 +179,23 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
         raise
     finally:
         theirs.close()
-        if kvm_fd >= 0:
-            os.close(kvm_fd)
+        for fd in (kvm_fd, boot_r, boot_w):
+            if fd >= 0:
+                os.close(fd)
+        for s in (core_pb, pb_core):
+            if s is not None:
+                s.close()
     listener.close()
-    return CoreHandle(vm_id, proc.pid, uid, sock_path, ours, proc)
+    return CoreHandle(vm_id, proc.pid, uid, sock_path, ours, proc, preboot)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, len(data).to_bytes(4, "little"))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -30,7 +30,7 @@ MAX_NAME = 4096                 # characters in one log entry's name
 MAX_TPM_FIELD = 4096            # bytes in a quote, its signature, a TPM AK's DER
 MAX_WRAPPED = 64 << 10
 MAX_MEMORY_MIB, MAX_VCPUS, MAX_CMDLINE = 1 << 20, 256, 4095
-CODE_KINDS = ("interpreter", "core-file", "stdlib-file", "pth-file")
+CODE_KINDS = ("interpreter", "core-file", "stdlib-file", "library-file", "pth-file")
 GUEST_KINDS = ("guest-image", "guest-cmdline", "guest-config")
 KINDS = CODE_KINDS + ("core-config", "attestation-key") + GUEST_KINDS
 ENTRY_MODES = ("pvh", "long")
@@ -275,9 +275,12 @@ def check_evidence(ev: Any) -> dict:
     i, ak = _single(log, "attestation-key")
     if bytes.fromhex(ak["digest"]) != sha256(ak_pub):
         raise AttestError(f"log[{i}]: the attestation-key entry is not sha256(ak_pub)")
-    late = [j for j, e in enumerate(log[i:], i) if e["kind"] in CODE_KINDS + ("core-config",)]
+    # Code entries precede the AK entry (the launcher measured them before the core
+    # existed); core-config and guest entries follow it: the measured core records them
+    # and the AK's signature over the evidence covers them.
+    late = [j for j, e in enumerate(log[i:], i) if e["kind"] in CODE_KINDS]
     if late:
-        raise AttestError(f"log[{late[0]}]: code and core-config entries must precede the "
+        raise AttestError(f"log[{late[0]}]: code entries must precede the "
                           f"attestation-key entry (log[{i}])")
     return ev
 

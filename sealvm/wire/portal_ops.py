@@ -74,6 +74,7 @@ class VmState(enum.IntEnum):
 class ImageKind(enum.IntEnum):
     KERNEL = 1
     INITRD = 2
+    MANIFEST = 3      # the owner's signed manifest bundle (docs/attestation.md)
 
 
 class EntryMode(enum.IntEnum):

@@ -244,7 +244,7 @@ def load(kind=1, offset=0, total=16, data=b"x" * 16):
     (configure(flags=b"\x20\0\0\0"), Status.OUT_OF_RANGE),                 # unknown flag bit
     (configure(entry=b"\3"), Status.OUT_OF_RANGE),                         # enum value not allowed
     (configure(entry=b"\0"), Status.OUT_OF_RANGE),
-    (load(kind=3), Status.OUT_OF_RANGE),
+    (load(kind=4), Status.OUT_OF_RANGE),
     (load(total=0, data=b""), Status.OUT_OF_RANGE),
     (load(total=(1 << 30) + 1), Status.OUT_OF_RANGE),
     (load(offset=(1 << 30) + 1, total=1 << 30, data=b""), Status.OUT_OF_RANGE),
