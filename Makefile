@@ -43,7 +43,7 @@ guests: $(STAMPS)/apt
 	$(MAKE) -s -C guests
 
 run: deps venv guests
-	$(VENV)/bin/sealvm run guests/build/hello.elf --cmdline "greeting=world"
+	scripts/demo.sh
 
 test: deps venv guests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
