@@ -1,0 +1,182 @@
+"""Attacks on measured boot and key release, against the real launcher, core, preboot and broker.
+
+Each test runs `sealvm run` with the owner's manifest against a live broker
+and asserts that no key was released and both sides say why; each has a
+paired control that removes only the one thing the defence looks at and
+shows the VM then gets its keys. Tampering with the code the core loads is
+done in a copy of the project, so the checkout under test is never touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, guest_image, needs_kvm
+
+pytestmark = needs_kvm
+GOOD_CMDLINE = "greeting=owner"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, cwd=ROOT, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sealvm.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    """An owner with a signed hello guest, a policy trusting this host, and a live broker."""
+    d = tmp_path_factory.mktemp("owner") / "o"
+    assert cli("owner", "init", str(d)).returncode == 0
+    r = cli("owner", "sign", "--dir", str(d), str(guest_image("hello")), "--name", "demo",
+            "--cmdline", GOOD_CMDLINE)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(cli("measure").stdout)
+    for kind, value in (("host", m["host_pub"]), ("core", m["core_measurement"])):
+        assert cli("owner", "policy", "--dir", str(d), "add", kind, value).returncode == 0
+    port = free_port()
+    broker = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "owner", "broker", "--dir",
+                               str(d), "--port", str(port)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield {"dir": d, "url": f"http://127.0.0.1:{port}", "measurement": m["core_measurement"]}
+    broker.terminate()
+    broker.wait(10)
+
+
+def run_vm(owner, *, cmdline=GOOD_CMDLINE, image=None, manifest=None, cwd=ROOT):
+    return cli("run", str(image or guest_image("hello")), "--cmdline", cmdline,
+               "--manifest", str(manifest or owner["dir"] / "vms" / "demo"),
+               "--broker", owner["url"], cwd=cwd)
+
+
+def broker_log(owner) -> list[dict]:
+    return [json.loads(l) for l in (owner["dir"] / "broker.log").read_text().splitlines()]
+
+
+def released(r) -> bool:
+    return r.returncode == 0 and "keys released" in r.stderr and "HELLO" in r.stdout
+
+
+def test_control_the_genuine_vm_gets_its_keys(owner):
+    r = run_vm(owner)
+    assert released(r), r.stderr
+    assert broker_log(owner)[-1]["event"] == "release"
+
+
+def test_altered_guest_image_is_refused(owner, tmp_path):
+    image = tmp_path / "hello.elf"
+    data = bytearray(guest_image("hello").read_bytes())
+    data[-1] ^= 1
+    image.write_bytes(bytes(data))
+    r = run_vm(owner, image=image)
+    assert r.returncode == 125 and not released(r)
+    assert "image_sha256: signed" in r.stderr
+
+
+def test_altered_command_line_is_refused(owner):
+    r = run_vm(owner, cmdline="greeting=intruder")
+    assert r.returncode == 125 and not released(r)
+    assert "cmdline: signed 'greeting=owner', measured 'greeting=intruder'" in r.stderr
+
+
+@pytest.mark.parametrize("how", ["unsigned", "forged"])
+def test_manifest_without_the_owners_signature_is_refused(owner, tmp_path, how):
+    d = tmp_path / "vms" / "demo"
+    shutil.copytree(owner["dir"] / "vms" / "demo", d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["cmdline"] = "greeting=intruder"
+    (d / "manifest.json").write_text(json.dumps(m, sort_keys=True, separators=(",", ":")))
+    if how == "unsigned":
+        (d / "manifest.json.sig").write_bytes(b"")
+    r = cli("run", str(guest_image("hello")), "--cmdline", "greeting=intruder", "--manifest",
+            str(d), "--owner-pub", str(owner["dir"] / "owner.pub.json"), "--broker", owner["url"])
+    assert r.returncode == 125 and not released(r)
+    assert "owner manifest refused" in r.stderr
+
+
+def world_readable_dir() -> Path:
+    """A directory the VM's core (its own uid) can read: pytest's tmp dirs are 0700."""
+    d = Path(tempfile.mkdtemp(prefix="sealvm-tree-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture(scope="module")
+def project_copy():
+    """A copy of the project (same interpreter and venv) whose core files can be altered."""
+    dst = world_readable_dir()
+    shutil.copytree(ROOT / "sealvm", dst / "sealvm")
+    yield dst
+    shutil.rmtree(dst, ignore_errors=True)
+
+
+def forge_pyc(tree: Path, module: str) -> Path:
+    """The attacker's bytecode under an intact checked-hash header: Python accepts it,
+    because the header still carries the hash of the untouched source."""
+    import importlib._bootstrap_external as ext
+    import importlib.util
+    src_path = tree / f"sealvm/core/{module}.py"
+    source = src_path.read_bytes()
+    evil = compile(source + b"\nATTACKER = True\n", str(src_path), "exec")
+    pyc = Path(importlib.util.cache_from_source(str(src_path)))
+    pyc.write_bytes(ext._code_to_hash_pyc(evil, importlib.util.source_hash(source), True))
+    return pyc
+
+
+def test_control_an_unaltered_copy_of_the_project_measures_the_same(owner, project_copy):
+    assert json.loads(cli("measure", cwd=project_copy).stdout)["core_measurement"] == \
+        owner["measurement"]
+
+
+@pytest.mark.parametrize("what", ["pyc", "py"])
+def test_altered_core_code_fails_attestation(owner, project_copy, what):
+    tree = world_readable_dir()
+    try:
+        shutil.copytree(project_copy / "sealvm", tree / "sealvm")
+        if what == "pyc":
+            forge_pyc(tree, "machine")
+        else:
+            target = tree / "sealvm/core/machine.py"
+            target.write_bytes(target.read_bytes() + b"\nATTACKER = True\n")
+        r = run_vm(owner, cwd=tree)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    assert not released(r)
+    assert "core measurement" in r.stderr and "not in policy" in r.stderr, r.stderr
+    assert broker_log(owner)[-1]["event"] == "refused"
+
+
+def test_control_forged_bytecode_runs_when_only_the_header_is_checked(project_copy):
+    """What the measurement defends against: Python itself runs the forged .pyc."""
+    tree = world_readable_dir()
+    try:
+        shutil.copytree(project_copy / "sealvm", tree / "sealvm")
+        forge_pyc(tree, "machine")
+        r = subprocess.run([sys.executable, "-I", "-S", "-B", "-c",
+                            "import sys; sys.path.insert(0, sys.argv[1]); "
+                            "import sealvm.core.machine as m; print(getattr(m, 'ATTACKER', False))",
+                            str(tree)], capture_output=True, text=True, timeout=30)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    assert r.stdout.strip() == "True", r.stderr
