@@ -475,6 +475,12 @@ def bar_plot(path: Path, title: str, groups: dict[str, list[float]], ylabel: str
 
 
 # ------------------------------------------------------------ the CLI
+def module_main(doc: str, run: Callable, report: Callable, argv: list[str] | None = None) -> int:
+    """`main()` of a benchmark module: parse the shared options, run, print the report."""
+    report(run(bench_args(doc.splitlines()[0], argv)))
+    return 0
+
+
 def bench_args(description: str, argv: list[str] | None = None,
                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)

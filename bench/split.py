@@ -225,9 +225,7 @@ def report(result: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = C.bench_args(__doc__.splitlines()[0], argv)
-    report(run(args))
-    return 0
+    return C.module_main(__doc__, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -142,17 +142,10 @@ class VmManager:
         rec = self.get(vm_id)
         if rec.state in ("stopped", "lost", "failed"):
             return rec
-        link = self.links.get(vm_id)
-        if link is not None:
-            try:
-                link.stop()
-            except (CoreRefused, OSError):
-                pass
-            link.wait_closed(5)
         if rec.state != "stopped":
             rec.stop_reason = rec.stop_reason or "stopped by request"
         self._set_state(rec, "stopped")
-        self._release(vm_id)
+        self._finish(vm_id)
         return rec
 
     def delete(self, vm_id: str) -> None:
@@ -172,6 +165,7 @@ class VmManager:
         threading.Thread(target=self._finish, args=(vm_id,), daemon=True).start()
 
     def _finish(self, vm_id: str) -> None:
+        """Tell the core to go (it exits after answering STOP) and drop its link."""
         link = self.links.get(vm_id)
         if link is not None:
             try:
