@@ -25,6 +25,12 @@ class CreateVm(BaseModel):
     entry: str = Field(default="pvh", pattern="^(pvh|long)$")
     rng: bool = True
     start: bool = Field(default=False, description="start the VM right after creating it")
+    manifest: str | None = Field(default=None, description="the owner's signed manifest "
+                                 "directory (manifest.json + manifest.json.sig): the core checks "
+                                 "the guest against it and gets its keys from `broker`")
+    owner_pub: str | None = Field(default=None, description="the owner's owner.pub.json (default: "
+                                  "two levels above `manifest`)")
+    broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
 
 
 class VmView(BaseModel):
@@ -72,8 +78,12 @@ def build_app(manager: VmManager) -> FastAPI:
     @app.post("/v1/vms", response_model=VmView, status_code=201)
     def create_vm(spec: CreateVm):
         def go():
+            bundle = None
+            if spec.manifest:
+                from .oneshot import read_manifest_bundle
+                bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
             rec = manager.create(spec.name, spec.image, spec.memory_mib, spec.vcpus, spec.cmdline,
-                                 spec.entry, spec.rng)
+                                 spec.entry, spec.rng, bundle)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()

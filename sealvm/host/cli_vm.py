@@ -26,6 +26,10 @@ def add_parser(sub, parse_size) -> None:
     c.add_argument("--entry", choices=("pvh", "long"), default="pvh")
     c.add_argument("--no-rng", action="store_true")
     c.add_argument("--start", action="store_true", help="start it right away")
+    c.add_argument("--manifest", metavar="DIR", help="the owner's signed manifest directory")
+    c.add_argument("--owner-pub", metavar="FILE", help="the owner's owner.pub.json")
+    c.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
+                   help="the owner's key broker (default %(default)s)")
     for action, text in (("start", "start the guest"), ("pause", "pause all vCPUs"),
                          ("resume", "resume a paused VM"), ("stop", "stop the VM and its core"),
                          ("delete", "stop the VM and forget it"), ("show", "one VM's record"),
@@ -60,7 +64,10 @@ def run(args) -> int:
         if cmd == "create":
             body = dict(image=os.path.abspath(args.image), name=args.name,
                         memory_mib=args.memory >> 20, vcpus=args.vcpus, cmdline=args.cmdline,
-                        entry=args.entry, rng=not args.no_rng, start=args.start)
+                        entry=args.entry, rng=not args.no_rng, start=args.start,
+                        manifest=os.path.abspath(args.manifest) if args.manifest else None,
+                        owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
+                        broker=args.broker)
             r = http.post("/v1/vms", json=body)
             _check(r)
             print(r.json()["id"])

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 
-from ..launcher.protocol import (FLAG_INSECURE_SAME_UID, OP_SPAWN, REPLY_SIZE, STATUS_OK,
+from ..launcher.protocol import (FLAG_ATTEST, FLAG_INSECURE_SAME_UID, OP_SPAWN, REPLY_SIZE, STATUS_OK,
                                  decode_reply, encode_request, recv_with_fd)
 from .corelink import CoreLink, CoreRefused
 from .records import RecordStore, VmRecord, new_vm_id
@@ -42,8 +42,9 @@ class LauncherClient:
         self.insecure = insecure
         self._lock = threading.Lock()
 
-    def spawn(self, vm_id: str, memory_mib: int) -> tuple[int, int, str, socket.socket]:
-        flags = FLAG_INSECURE_SAME_UID if self.insecure else 0
+    def spawn(self, vm_id: str, memory_mib: int,
+              attest: bool = False) -> tuple[int, int, str, socket.socket]:
+        flags = (FLAG_INSECURE_SAME_UID if self.insecure else 0) | (FLAG_ATTEST if attest else 0)
         with self._lock:
             self.sock.send(encode_request(OP_SPAWN, vm_id, memory_mib, flags))
             data, fd = recv_with_fd(self.sock, REPLY_SIZE)
@@ -88,7 +89,8 @@ class VmManager:
         return link
 
     # ---- lifecycle -------------------------------------------------------
-    def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng) -> VmRecord:
+    def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
+               manifest: bytes | None = None) -> VmRecord:
         vm_id = new_vm_id(name)
         if entry not in ENTRY_CODES:
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
@@ -99,10 +101,13 @@ class VmManager:
             rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng)
             self.records[vm_id] = rec
         try:
-            rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib)
+            rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib,
+                                                                     attest=manifest is not None)
             self.store.save(rec)
             link = self._link(rec, sock)
             link.load_image(data)
+            if manifest is not None:
+                link.load_image(manifest, kind=3)
             link.configure(memory_mib, vcpus, ENTRY_CODES[entry], 1 if rng else 0, cmdline)
         except (CoreRefused, OSError) as e:
             rec.state, rec.stop_reason = "failed", str(e)

@@ -90,16 +90,20 @@ def manifest_bundle(args) -> bytes | None:
     """The owner's manifest, its signature, keys and broker, for the core to check."""
     if not args.manifest:
         return None
+    return read_manifest_bundle(args.manifest, args.owner_pub, args.broker)
+
+
+def read_manifest_bundle(manifest: str, owner_pub: str | None, broker: str) -> bytes:
     import json
     from pathlib import Path
-    d = Path(args.manifest)
-    pub = Path(args.owner_pub) if args.owner_pub else d.parent.parent / "owner.pub.json"
+    d = Path(manifest)
+    pub = Path(owner_pub) if owner_pub else d.parent.parent / "owner.pub.json"
     try:
         owner = json.loads(pub.read_text())
         return json.dumps({"manifest": (d / "manifest.json").read_text(),
                            "signature": (d / "manifest.json.sig").read_bytes().hex(),
                            "owner_sign": owner["sign"], "owner_wrap": owner["wrap"],
-                           "broker": args.broker}).encode()
+                           "broker": broker}).encode()
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot read the owner's manifest or keys: {e}") from None
 

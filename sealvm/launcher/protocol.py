@@ -23,6 +23,7 @@ MAGIC = 0x53564C31
 OP_SPAWN = 1
 OP_PING = 2
 FLAG_INSECURE_SAME_UID = 1
+FLAG_ATTEST = 2                 # measure the core and start its preboot stage
 REQUEST = struct.Struct("<IBBHII64s16s")
 REPLY = struct.Struct("<IIII248s")
 REQUEST_SIZE = REQUEST.size
@@ -56,7 +57,7 @@ def parse_request(data: bytes) -> Request:
         return Request(op, "", 0, 0)
     if op != OP_SPAWN:
         raise LaunchError(f"unknown op {op}")
-    if flags & ~FLAG_INSECURE_SAME_UID:
+    if flags & ~(FLAG_INSECURE_SAME_UID | FLAG_ATTEST):
         raise LaunchError(f"unknown flags {flags:#x}")
     name, _, pad = raw_id.partition(b"\0")
     if any(pad):

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from .protocol import (OP_PING, OP_SPAWN, REQUEST_SIZE, STATUS_FAILED, STATUS_OK, STATUS_REFUSED,
-                       FLAG_INSECURE_SAME_UID, encode_reply, parse_request, send_with_fd)
+                       FLAG_ATTEST, FLAG_INSECURE_SAME_UID, encode_reply, parse_request,
+                       send_with_fd)
 from .spawn import DEFAULT_UID_RANGE, CoreHandle, LaunchError, spawn_core
 
 log = logging.getLogger("sealvm.launcher")
@@ -36,6 +37,7 @@ class Launcher:
         self.insecure = insecure
         self.core_log = core_log
         self.cores: dict[int, CoreHandle] = {}
+        self.prebooted: list = []          # preboot stages still to be reaped
         self._lock = threading.Lock()
 
     def serve(self, sock: socket.socket) -> None:
@@ -73,8 +75,10 @@ class Launcher:
                 h = spawn_core(req.vm_id, memory_mib=req.memory_mib, run_dir=self.run_dir,
                                host_uid=self.host_uid, uid_range=self.uid_range,
                                insecure_same_uid=insecure or self.insecure, reserved_uids=reserved,
-                               log_fd=log_fd)
+                               log_fd=log_fd, attest=bool(req.flags & FLAG_ATTEST))
                 self.cores[h.pid] = h
+                if h.preboot is not None:
+                    self.prebooted.append(h.preboot)
         except (LaunchError, OSError) as e:
             sock.send(encode_reply(STATUS_FAILED, message=str(e)))
             return
@@ -87,6 +91,7 @@ class Launcher:
 
     def reap(self) -> None:
         with self._lock:
+            self.prebooted = [p for p in self.prebooted if p.poll() is None]
             for pid, h in list(self.cores.items()):
                 rc = h.process.poll()
                 if rc is None:

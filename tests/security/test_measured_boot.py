@@ -180,3 +180,33 @@ def test_control_forged_bytecode_runs_when_only_the_header_is_checked(project_co
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     assert r.stdout.strip() == "True", r.stderr
+
+
+def test_daemon_boots_an_attested_vm_and_refuses_an_unsigned_one(owner, tmp_path):
+    """The same flow through `sealvm hostd` and `sealvm vm create --manifest`."""
+    from tests.e2e.conftest import Hostd
+    public = world_readable_dir()            # the manifest and public keys are not secret
+    try:
+        shutil.copytree(owner["dir"] / "vms" / "demo", public / "demo")
+        shutil.copy(owner["dir"] / "owner.pub.json", public / "owner.pub.json")
+        for p in public.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        hd = Hostd(world_readable_dir(), "64500-64599")
+        try:
+            args = ["--manifest", str(public / "demo"), "--owner-pub",
+                    str(public / "owner.pub.json"), "--broker", owner["url"], "--start"]
+            r = hd.cli("create", str(guest_image("hello")), "--name", "att", "--cmdline",
+                       GOOD_CMDLINE, *args)
+            assert r.returncode == 0, r.stderr
+            deadline = time.monotonic() + 20
+            while b"HELLO" not in hd.cli("console", "att").stdout and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert b"HELLO" in hd.cli("console", "att").stdout
+            assert b"attestation: attested to" in hd.cli("logs", "att").stdout
+            r = hd.cli("create", str(guest_image("hello")), "--name", "bad", "--cmdline",
+                       "greeting=intruder", *args)
+            assert r.returncode != 0 and b"cmdline: signed" in r.stderr
+        finally:
+            hd.close()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
