@@ -3,6 +3,8 @@
 # key broker, a measured core that attests to it, the VM's keys released to
 # that core only, and the guest running. Everything lives in a fresh temporary
 # directory and the broker is stopped at the end.
+# SEALVM_DEMO_TPM=1: a private swtpm is started and the launcher, the preboot
+# stage and the owner's policy use it (SEALVM_TPM): the root is a TPM quote.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEALVM=".venv/bin/python -m sealvm.cli"
@@ -10,9 +12,22 @@ GUEST=guests/build/hello.elf
 PORT=${SEALVM_DEMO_PORT:-8477}
 WORK=$(mktemp -d /tmp/sealvm-demo.XXXXXX)
 OWNER="$WORK/owner"
-trap 'kill $BROKER 2>/dev/null || true; rm -rf "$WORK"' EXIT
+BROKER=
+cleanup() {
+    [ -n "$BROKER" ] && kill "$BROKER" 2>/dev/null || true
+    [ "${SEALVM_DEMO_TPM:-0}" = 1 ] && .venv/bin/python -m sealvm.tools.swtpm stop "$WORK/tpm" >/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+if [ "${SEALVM_DEMO_TPM:-0}" = 1 ]; then
+    step "0. this host's TPM: a private swtpm on loopback"
+    TPM_PORT=$(.venv/bin/python -c 'from sealvm.tools.swtpm import free_port_pair; print(free_port_pair())')
+    .venv/bin/python -m sealvm.tools.swtpm start "$WORK/tpm" "$TPM_PORT"
+    export SEALVM_TPM="127.0.0.1:$TPM_PORT"
+fi
 
 step "1. the owner creates their keys (Ed25519 signing, X25519 wrapping; 0600 files)"
 $SEALVM owner init "$OWNER"
@@ -26,6 +41,11 @@ echo "$MEASURE"
 HOST=$(echo "$MEASURE" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["host_pub"])')
 CORE=$(echo "$MEASURE" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["core_measurement"])')
 $SEALVM owner policy --dir "$OWNER" add host "$HOST" > /dev/null
+if [ -n "${SEALVM_TPM:-}" ]; then
+    TPM_AK=$(echo "$MEASURE" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["tpm_ak_pub"])')
+    $SEALVM owner policy --dir "$OWNER" add tpm "$TPM_AK" > /dev/null
+    $SEALVM owner policy --dir "$OWNER" require-tpm yes > /dev/null
+fi
 $SEALVM owner policy --dir "$OWNER" add core "$CORE"
 
 step "4. the owner's key broker listens on 127.0.0.1:$PORT"

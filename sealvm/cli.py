@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "owner's policy)",
                    description="Measure the core as the launcher does before every VM and print "
                                "the host's software root public key and the core measurement, "
-                               "as JSON, for `sealvm owner policy add host|core`.")
+                               "as JSON, for `sealvm owner policy add host|core`; with "
+                               "SEALVM_TPM=HOST:PORT set, also that TPM's attestation key "
+                               "(tpm_ak_pub, DER hex) for `sealvm owner policy add tpm`.")
     return p
 
 
@@ -166,7 +168,12 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "measure":
         import json
         from .launcher.attest_boot import describe
-        print(json.dumps(describe(sys.executable), indent=1))
+        from .launcher.tpm_boot import TpmBootError
+        try:
+            print(json.dumps(describe(sys.executable), indent=1))
+        except TpmBootError as e:
+            print(f"sealvm: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "owner":
         from .owner.cli import run as run_owner

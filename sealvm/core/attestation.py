@@ -6,7 +6,9 @@ checks the owner's signed manifest against what it is about to run and adds
 the owner's key and the guest's measurements to the log; at START, before any
 guest instruction and before its seccomp filter, it answers the broker's
 challenge through the preboot stage with evidence signed by its attestation
-key, and opens the released keys with a fresh ephemeral key.  Keys the host
+key, and opens the released keys with a fresh ephemeral key.  With a TPM
+(the bundle names it instead of a software root) the preboot stage extends the
+core's entries into PCR 23 and returns a quote as the root.  Keys the host
 relays or swaps do not open: they must be sealed with the owner's wrap key.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Attestation:
     def __init__(self, bundle: dict, preboot_fd: int):
         self.bundle = bundle
         self.preboot = socket.socket(fileno=preboot_fd) if preboot_fd >= 0 else None
+        self.launched = len(bundle["log"])       # entries the launcher made (and extended)
         self.manifest: dict | None = None
         self.keys: dict[str, bytes] | None = None
         self.result = "no attestation (no owner manifest given)"
@@ -80,11 +83,23 @@ class Attestation:
             raise AttestationFailed("no preboot stage to reach the owner's broker")
         ak = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.bundle["ak"]))
         eph = X25519PrivateKey.generate()
+        request = {"vm": self.manifest["name"], "broker": self.broker}
+        tpm = self.bundle.get("tpm")
+        if tpm is not None:      # preboot extends our entries into PCR 23 and quotes it
+            request.update(tpm=str(tpm), entries=self.bundle["log"][self.launched:],
+                           ak_pub=A._raw(ak.public_key()).hex(),
+                           ephemeral_pub=A._raw(eph.public_key()).hex())
         try:
-            channel.send(self.preboot, {"vm": self.manifest["name"], "broker": self.broker})
-            nonce = bytes.fromhex(channel.recv(self.preboot)["nonce"])
+            channel.send(self.preboot, request)
+            answer = channel.recv(self.preboot)
+            if "error" in answer:
+                raise AttestationFailed(f"no keys: {answer['error']}")
+            nonce = bytes.fromhex(answer["nonce"])
+            root = self.bundle["root"] if tpm is None else answer["root"]
+            if tpm is not None and (type(root) is not dict or root.get("kind") != "tpm"):
+                raise AttestationFailed("the preboot stage returned no TPM root")
             evidence, sig = A.make_evidence(self.manifest["name"], nonce, self.bundle["log"], ak,
-                                            eph.public_key(), self.bundle["root"])
+                                            eph.public_key(), root)
             channel.send(self.preboot, {"evidence": evidence.decode(), "signature": sig.hex()})
             answer = channel.recv(self.preboot)
             if "error" in answer:
@@ -96,7 +111,7 @@ class Attestation:
             raise AttestationFailed(f"attestation failed: {e}") from None
         finally:
             self._close()
-        root = self.bundle["root"]["kind"]
+        root = root["kind"]
         self.result = (f"attested to {self.broker} ({root} root); keys released: "
                        f"{', '.join(sorted(self.keys))}")
 

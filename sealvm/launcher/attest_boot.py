@@ -7,7 +7,8 @@ VM), appends that key's entry to the log, and signs the log up to it with the
 host's software root key.  The core receives the log, the key and the root
 over a pipe only it holds; the host daemon never sees the key.
 
-Without a TPM the evidence says "software" as its root, so a verifier always
+With SEALVM_TPM set, PCR 23 of that TPM takes the software root's place
+(tpm_boot.py).  Without a TPM the evidence says "software" as its root, so a verifier always
 knows no TPM vouched for it.  The host root key lives in a root-only file in
 LAUNCHER_DIR (default /var/lib/sealvm-launcher, or $SEALVM_LAUNCHER_DIR).
 """
@@ -63,17 +64,32 @@ def host_root_key(directory: Path | None = None) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(data)
 
 
-def boot_bundle(python: str, directory: Path | None = None) -> bytes:
-    """JSON for a new core: its measured log, its attestation key and the signed root."""
-    host = host_root_key(directory)
+def boot_bundle(python: str, directory: Path | None = None, tpm: str | None = None) -> bytes:
+    """JSON for a new core: its measured log, its attestation key and the signed root.
+
+    With `tpm` (HOST:PORT; the caller holds tpm_boot's lock) the log goes into
+    PCR 23 instead and the bundle names the TPM: the preboot stage quotes it."""
     ak = Ed25519PrivateKey.generate()
     log = measure_core(python)
     log.append(ak_entry(ak.public_key()))
-    root = software_root(host.public_key(), sign_log(host, log))
-    return json.dumps({"log": log, "ak": _raw_private(ak).hex(), "root": root}).encode()
+    bundle = {"log": log, "ak": _raw_private(ak).hex()}
+    if tpm is not None:
+        from .tpm_boot import extend_launch
+        extend_launch(tpm, log)
+        bundle["tpm"] = tpm
+    else:
+        host = host_root_key(directory)
+        bundle["root"] = software_root(host.public_key(), sign_log(host, log))
+    return json.dumps(bundle).encode()
 
 
 def describe(python: str, directory: Path | None = None) -> dict:
-    """What an owner puts in policy for this host: its root key and the core measurement."""
-    return {"host_pub": _raw_public(host_root_key(directory).public_key()).hex(),
-            "core_measurement": core_measurement(measure_core(python)).hex()}
+    """What an owner puts in policy for this host: its root key and the core measurement
+    (and, with SEALVM_TPM set, the TPM's attestation key for `policy add tpm`)."""
+    out = {"host_pub": _raw_public(host_root_key(directory).public_key()).hex(),
+           "core_measurement": core_measurement(measure_core(python)).hex()}
+    from .tpm_boot import attestation_key, configured
+    tpm = configured()
+    if tpm is not None:
+        out["tpm_ak_pub"] = attestation_key(tpm)
+    return out

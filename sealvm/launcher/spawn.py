@@ -124,6 +124,7 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
     boot_r = boot_w = -1
     core_pb = pb_core = None
     preboot = None
+    tpm_lock = -1
     try:
         listener.bind(sock_path)
         if root:
@@ -138,10 +139,15 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
                "attest": -1, "preboot": -1}
         if attest:
             # Measure before the core exists; the bundle reaches only the core, by a pipe.
-            from .attest_boot import BootKeyError, boot_bundle
+            # With a TPM, the lock on PCR 23 passes to the preboot stage (tpm_boot.py).
+            from .attest_boot import BootKeyError, boot_bundle, launcher_dir
+            from .tpm_boot import TpmBootError, configured, take_lock
             try:
-                bundle = boot_bundle(sys.executable)
-            except (BootKeyError, OSError) as e:
+                tpm = configured()
+                if tpm is not None:
+                    tpm_lock = take_lock(launcher_dir())
+                bundle = boot_bundle(sys.executable, tpm=tpm)
+            except (BootKeyError, TpmBootError, OSError) as e:
                 raise LaunchError(f"cannot prepare attestation: {e}") from None
             boot_r, boot_w = os.pipe()
             core_pb, pb_core = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -150,7 +156,7 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
                                  f"--memory-mib={memory_mib}"] + \
             [f"--{k}-fd={v}" for k, v in fds.items()]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-        for k in ("SEALVM_TEST_MODE", "SEALVM_INSECURE_TEST_DISABLE"):
+        for k in ("SEALVM_TEST_MODE", "SEALVM_INSECURE_TEST_DISABLE", "SEALVM_PREBOOT_TEST_EXTEND"):
             if k in os.environ:
                 env[k] = os.environ[k]
         kw = {}
@@ -162,8 +168,10 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
                                 env=env, **out)
         if attest:
             # The two-step stage: the network and TPM code the core must not carry.
-            preboot = subprocess.Popen(preboot_command() + [f"--core-fd={pb_core.fileno()}"],
-                                       pass_fds=(pb_core.fileno(),), env=env, **out)
+            lock = [f"--tpm-lock-fd={tpm_lock}"] if tpm_lock >= 0 else []
+            preboot = subprocess.Popen(preboot_command() + [f"--core-fd={pb_core.fileno()}"] + lock,
+                                       pass_fds=(pb_core.fileno(),) + ((tpm_lock,) if lock else ()),
+                                       env=env, **out)
             threading.Thread(target=_write_all, args=(boot_w, bundle), daemon=True).start()
             boot_w = -1
         if root:
@@ -179,7 +187,7 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
         raise
     finally:
         theirs.close()
-        for fd in (kvm_fd, boot_r, boot_w):
+        for fd in (kvm_fd, boot_r, boot_w, tpm_lock):
             if fd >= 0:
                 os.close(fd)
         for s in (core_pb, pb_core):
