@@ -210,3 +210,57 @@ def test_daemon_boots_an_attested_vm_and_refuses_an_unsigned_one(owner, tmp_path
             hd.close()
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+needs_venv = pytest.mark.skipif(not (ROOT / ".venv" / "pyvenv.cfg").exists(),
+                                reason="needs the project's .venv (make test creates it)")
+
+
+def env_with_python(tamper: bool) -> Path:
+    """A virtual environment like the project's whose interpreter is a copy of the real one,
+    with bytes appended when `tamper` (ELF ignores them: it still runs, but hashes differently)."""
+    venv = world_readable_dir()
+    (venv / "bin").mkdir()
+    (venv / "lib" / "python3.11").mkdir(parents=True)
+    shutil.copy(ROOT / ".venv" / "pyvenv.cfg", venv / "pyvenv.cfg")
+    os.symlink(ROOT / ".venv" / "lib" / "python3.11" / "site-packages",
+               venv / "lib" / "python3.11" / "site-packages")
+    python = venv / "bin" / "python3"
+    shutil.copy(os.path.realpath(sys.executable), python)
+    if tamper:
+        with open(python, "ab") as f:
+            f.write(b"\0sealvm-test-tamper")
+    return venv
+
+
+@needs_venv
+@pytest.mark.parametrize("tamper", [True, False], ids=["altered-interpreter", "control-copy"])
+def test_altered_interpreter_fails_attestation(owner, tamper):
+    venv = env_with_python(tamper)
+    try:
+        r = subprocess.run([str(venv / "bin" / "python3"), "-m", "sealvm.cli", "run",
+                            str(guest_image("hello")), "--cmdline", GOOD_CMDLINE, "--manifest",
+                            str(owner["dir"] / "vms" / "demo"), "--broker", owner["url"]],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
+    if tamper:
+        assert not released(r) and "not in policy" in r.stderr, r.stderr
+    else:
+        assert released(r), r.stderr
+
+
+@needs_venv
+@pytest.mark.parametrize("add_pth", [True, False], ids=["new-pth-file", "control-none"])
+def test_a_new_pth_file_in_the_environment_fails_attestation(owner, add_pth):
+    pth = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "zz-sealvm-test.pth"
+    try:
+        if add_pth:
+            pth.write_text("# a .pth file the core never runs, but it changes the environment\n")
+        r = run_vm(owner)
+    finally:
+        pth.unlink(missing_ok=True)
+    if add_pth:
+        assert not released(r) and "not in policy" in r.stderr, r.stderr
+    else:
+        assert released(r), r.stderr
