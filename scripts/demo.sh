@@ -3,10 +3,14 @@
 # key broker, a measured core that attests to it, the VM's keys released to
 # that core only, and the guest running. Everything lives in a fresh temporary
 # directory and the broker is stopped at the end.
-# SEALVM_DEMO_TPM=1: a private swtpm is started and the launcher, the preboot
-# stage and the owner's policy use it (SEALVM_TPM): the root is a TPM quote.
+# With swtpm installed (make installs it) a private swtpm is started and the
+# launcher, the preboot stage and the owner's policy use it (SEALVM_TPM): the
+# root is a TPM quote. SEALVM_DEMO_TPM=0 uses the software root instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -z "${SEALVM_DEMO_TPM:-}" ]; then
+    if command -v swtpm > /dev/null; then SEALVM_DEMO_TPM=1; else SEALVM_DEMO_TPM=0; fi
+fi
 SEALVM=".venv/bin/python -m sealvm.cli"
 GUEST=guests/build/hello.elf
 PORT=${SEALVM_DEMO_PORT:-8477}
