@@ -190,9 +190,9 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
         for fd in (kvm_fd, boot_r, boot_w, tpm_lock):
             if fd >= 0:
                 os.close(fd)
-        for s in (core_pb, pb_core):
-            if s is not None:
-                s.close()
+        for end in (core_pb, pb_core):      # the children hold their own copies
+            if end is not None:
+                end.close()
     listener.close()
     return CoreHandle(vm_id, proc.pid, uid, sock_path, ours, proc, preboot)
 
