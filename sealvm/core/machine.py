@@ -48,6 +48,7 @@ class MachineConfig:
     entropy: Callable[[int], bytes] = os.urandom
     ram: RamOptions = RamOptions()   # pre-faulting / huge pages for guest RAM (off)
     kvm_fd: int | None = None        # an open /dev/kvm handed over by the launcher
+    restore: object | None = None    # a vmstate.Restore: build() restores it, ignores `image`
 
 
 @dataclass
@@ -99,6 +100,9 @@ class Machine:
             self.vm.set_user_memory_region(slot, 0, int(region.gpa), region.size,
                                            base + int(region.offset))
         self._add_devices()
+        if cfg.restore is not None:
+            from .vmstate import finish_restore  # snapshot code loads only when used
+            return finish_restore(self, cfg.restore)
         words = [f"sealvm.idle={int(IDLE_DOORBELL_GPA):#x}"]
         if cfg.vcpus > 1:
             words.append(f"sealvm.vcpus={cfg.vcpus}")
@@ -145,6 +149,11 @@ class Machine:
             self.vm.ioeventfd(w.fd, gpa + 0x50, 4, datamatch=q)
             slot.workers.append(w)
         self.virtio.append(slot)
+
+    def capture_state(self) -> dict:
+        """vmstate.capture_vm: the state of this paused machine (refused while running)."""
+        from .vmstate import capture_vm
+        return capture_vm(self)
 
     # ---- run ----------------------------------------------------------
     def _serve(self, transport: MmioTransport, queue: int) -> None:

@@ -1,0 +1,261 @@
+"""Whole-VM state: capture a paused Machine, serialise it, restore it into a new one.
+
+    m.pause()
+    state = m.capture_state()                  # vCPUs, devices, VM clock
+    ram = vmstate.read_ram(m.memory)           # still paused: consistent with `state`
+    blob = vmstate.to_bytes(state)             # canonical JSON, versioned, size-capped
+    m2 = Machine(MachineConfig(image=b"", memory=..., vcpus=...,
+                               restore=vmstate.Restore(vmstate.from_bytes(blob), ram)), console)
+    m2.build(); m2.start(); m2.resume()        # a restore starts paused unless paused=False
+
+Loaded only by snapshot/restore (not by a core that just runs a guest), so it
+does not count in the running core's TCB until used.  Device state lives in
+`vmstate_devices.py`.
+
+Host quirks (kvm_pvm, Debian 12): MXCSR travels only in XSAVE, so XSAVE, not
+KVM_GET_FPU, carries the FPU/SSE state; some MSRs KVM lists cannot be written
+back (MSR_KVM_ASYNC_PF_INT, 0x4b564d06, here), so the MSR set is what a
+scratch vCPU of a scratch VM can both read and write back (`savable_msrs`,
+once per Kvm); no LAPIC exists without an in-kernel irqchip, which the machine
+does not create.  The TSC travels as MSR_IA32_TSC: a restored guest's TSC
+continues from the value at capture, so the pause gap is invisible to it.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import weakref
+from dataclasses import dataclass
+
+from .kvm import state as KS, state_structs as SS, structs as S
+from .kvm.api import Kvm, KvmError, VcpuFd, VcpuInterrupted
+from .vcpu import Vcpu, VcpuControl
+from . import vmstate_devices as devstate
+
+FORMAT = "sealvm-vmstate"
+VERSION = 1
+MAX_STATE_BYTES = 4 << 20          # 64 vCPUs with 4 KiB XSAVE areas fit easily
+
+MSR_IA32_TSC = 0x10
+# The ctypes blobs a vCPU record carries, in restore order (see restore_vcpu).
+_BLOBS = {"sregs": S.kvm_sregs, "regs": S.kvm_regs, "xcrs": SS.kvm_xcrs, "xsave": SS.kvm_xsave,
+          "debugregs": SS.kvm_debugregs, "lapic": SS.kvm_lapic_state,
+          "events": SS.kvm_vcpu_events}
+
+
+class VmStateError(ValueError):
+    """A state blob or record is malformed, of another version, or does not fit this VM."""
+
+
+@dataclass(frozen=True)
+class Restore:
+    """What `MachineConfig.restore` takes: a state dict and the guest RAM, in RAM-region order."""
+    state: dict
+    memory: bytes
+    paused: bool = True
+
+
+# ---- MSRs ------------------------------------------------------------------------------
+_MSR_CACHE: "weakref.WeakKeyDictionary[Kvm, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+
+
+def savable_msrs(kvm: Kvm) -> tuple[int, ...]:
+    """MSRs from KVM's index list that a fresh vCPU (full supported CPUID) can read and
+    write back on this host; probed once per Kvm in a throwaway VM."""
+    cached = _MSR_CACHE.get(kvm)
+    if cached is not None:
+        return cached
+    keep = []
+    with kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        vcpu.set_cpuid2(kvm.supported_cpuid())
+        for index in KS.msr_index_list(kvm):
+            try:
+                KS.set_msrs(vcpu, KS.get_msrs(vcpu, [index]))
+            except KvmError:
+                continue          # e.g. a paravirtual MSR whose feature CPUID leaves off
+            keep.append(index)
+    _MSR_CACHE[kvm] = result = tuple(sorted(keep))
+    return result
+
+
+# ---- one vCPU --------------------------------------------------------------------------
+def sync_vcpu(vcpu: VcpuFd) -> None:
+    """Complete an I/O or MMIO exit the kernel still owes (KVM_RUN with immediate_exit):
+    until then registers may not reflect the finished instruction.  The vCPU's thread
+    must be parked."""
+    run = vcpu.run_struct
+    run.immediate_exit = 1
+    try:
+        reason = vcpu.run()
+    except VcpuInterrupted:
+        reason = None
+    finally:
+        run.immediate_exit = 0
+    if reason is not None:
+        raise KvmError("KVM_RUN", 0, f"vCPU {vcpu.vcpu_id} exited ({reason}) with immediate_exit set")
+
+
+def capture_vcpu(vcpu: VcpuFd, msrs: tuple[int, ...], lapic: bool = False) -> dict:
+    """The architectural state of one vCPU as a dict of hex blobs and ints."""
+    rec = {"id": vcpu.vcpu_id, "sregs": vcpu.get_sregs(), "regs": vcpu.get_regs(),
+           "xcrs": KS.get_xcrs(vcpu), "xsave": KS.get_xsave(vcpu),
+           "debugregs": KS.get_debugregs(vcpu), "events": KS.get_vcpu_events(vcpu),
+           "lapic": KS.get_lapic(vcpu) if lapic else None}
+    out = {k: (bytes(v).hex() if k in _BLOBS and v is not None else v) for k, v in rec.items()}
+    out["msrs"] = [[i, v] for i, v in sorted(KS.get_msrs(vcpu, msrs).items())]
+    out["mp_state"] = KS.get_mp_state(vcpu)
+    return out
+
+
+def _blob(rec: dict, name: str):
+    return _BLOBS[name].from_buffer_copy(bytes.fromhex(rec[name]))
+
+
+def restore_vcpu(vcpu: VcpuFd, rec: dict) -> None:
+    """Apply a `capture_vcpu` record (checked by `check_state`) to a vCPU with CPUID set.
+
+    Order: sregs (EFER, CR0/CR4 decide what is valid next), regs, XCRs before XSAVE
+    (XCR0 selects the components), MSRs (the TSC among them), debug registers,
+    LAPIC, MP state, and pending events last so nothing above clears them.
+    """
+    vcpu.set_sregs(_blob(rec, "sregs"))
+    vcpu.set_regs(_blob(rec, "regs"))
+    KS.set_xcrs(vcpu, _blob(rec, "xcrs"))
+    KS.set_xsave(vcpu, _blob(rec, "xsave"))
+    KS.set_msrs(vcpu, {i: v for i, v in rec["msrs"]})
+    KS.set_debugregs(vcpu, _blob(rec, "debugregs"))
+    if rec["lapic"] is not None:
+        KS.set_lapic(vcpu, _blob(rec, "lapic"))
+    if KS.get_mp_state(vcpu) != rec["mp_state"]:   # without an irqchip only RUNNABLE exists
+        KS.set_mp_state(vcpu, rec["mp_state"])
+    KS.set_vcpu_events(vcpu, _blob(rec, "events"))
+
+
+# ---- the whole VM ----------------------------------------------------------------------
+def capture_vm(machine) -> dict:
+    """State of a paused Machine: every vCPU, the devices, the VM clock.  Read guest RAM
+    (`read_ram`) before resuming so it matches.  Refused unless every vCPU is parked."""
+    c = machine.control
+    with c.cond:
+        if c.state != VcpuControl.PAUSED or c.parked != len(machine.vcpus):
+            raise VmStateError("capture needs a paused machine (every vCPU parked)")
+    devices = devstate.capture_devices(machine)     # drains queued work first
+    msrs = savable_msrs(machine.kvm)
+    cpus = []
+    for v in machine.vcpus:
+        sync_vcpu(v.fd)
+        cpus.append(capture_vcpu(v.fd, msrs))
+    return {"format": FORMAT, "version": VERSION, "memory": machine.memory.size,
+            "vcpus": cpus, "devices": devices, "clock": KS.get_clock(machine.vm).clock,
+            "irqchip": None, "pit": None}   # the machine creates neither
+
+
+def read_ram(memory) -> bytes:
+    """Guest RAM, region after region (what `Restore.memory` takes)."""
+    return b"".join(memory.read(r.gpa, r.size) for r in memory.regions)
+
+
+def finish_restore(machine, restore: Restore) -> None:
+    """Machine.build() for a restore, after RAM slots and devices exist: fill RAM, create
+    the vCPUs with CPUID and the captured state, restore devices and the clock."""
+    from .machine import MachineError
+    st, cfg, mem = restore.state, machine.config, machine.memory
+    try:
+        check_state(st)
+    except VmStateError as e:
+        raise MachineError(f"cannot restore: {e}") from None
+    if st["memory"] != mem.size or len(restore.memory) != mem.size:
+        raise MachineError(f"cannot restore: the state is for {st['memory']} bytes of RAM and "
+                           f"{len(restore.memory)} came, the machine has {mem.size}")
+    if len(st["vcpus"]) != cfg.vcpus:
+        raise MachineError(f"cannot restore: the state has {len(st['vcpus'])} vCPUs, "
+                           f"the machine {cfg.vcpus}")
+    view = memoryview(restore.memory)
+    for r in mem.regions:
+        mem.write(r.gpa, view[int(r.offset):int(r.offset) + r.size])
+    devstate.restore_devices(machine, st["devices"])
+    cpuid = machine.kvm.supported_cpuid()
+    for i, rec in enumerate(st["vcpus"]):
+        fd = machine.vm.create_vcpu(i)
+        fd.set_cpuid2(cpuid)
+        restore_vcpu(fd, rec)
+        v = Vcpu(i, fd, machine.control, machine.pio, machine.mmio, machine.console,
+                 machine._on_stop)
+        v.wakeup.set()        # a guest parked on the idle doorbell re-polls its rings
+        machine.vcpus.append(v)
+    KS.set_clock(machine.vm, st["clock"])
+    if restore.paused:
+        machine.control.state = VcpuControl.PAUSED
+
+
+# ---- serialisation ---------------------------------------------------------------------
+def to_bytes(state: dict) -> bytes:
+    """Canonical JSON (sorted keys, no spaces, ASCII) of a checked state."""
+    check_state(state)
+    blob = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    if len(blob) > MAX_STATE_BYTES:
+        raise VmStateError(f"state of {len(blob)} bytes exceeds {MAX_STATE_BYTES}")
+    return blob
+
+
+def from_bytes(blob: bytes) -> dict:
+    """Parse and check a `to_bytes` blob; VmStateError says what is wrong."""
+    if len(blob) > MAX_STATE_BYTES:
+        raise VmStateError(f"state of {len(blob)} bytes exceeds {MAX_STATE_BYTES}")
+    try:
+        state = json.loads(bytes(blob).decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise VmStateError("not a vmstate blob (truncated or malformed JSON)") from None
+    check_state(state)
+    return state
+
+
+def _int(what: str, v, bits: int = 64) -> int:
+    if type(v) is not int or not 0 <= v < 1 << bits:
+        raise VmStateError(f"{what} is not a {bits}-bit unsigned integer")
+    return v
+
+
+def _keys(what: str, d, keys: set) -> dict:
+    if not isinstance(d, dict) or set(d) != keys:
+        raise VmStateError(f"{what} must have exactly the keys {sorted(keys)}")
+    return d
+
+
+def check_state(st) -> None:
+    """Check the shape of a whole state: version, keys, integer ranges, blob sizes."""
+    if not isinstance(st, dict) or st.get("format") != FORMAT:
+        raise VmStateError(f"not a {FORMAT} record")
+    if st.get("version") != VERSION:
+        raise VmStateError(f"unsupported vmstate version {st.get('version')!r} "
+                           f"(this monitor reads version {VERSION})")
+    _keys("state", st, {"format", "version", "memory", "vcpus", "devices", "clock",
+                        "irqchip", "pit"})
+    _int("memory", st["memory"])
+    _int("clock", st["clock"])
+    if st["irqchip"] is not None or st["pit"] is not None:
+        raise VmStateError("irqchip/PIT state is not supported by this machine")
+    cpus = st["vcpus"]
+    if not isinstance(cpus, list) or not 1 <= len(cpus) <= 64:
+        raise VmStateError("vcpus must be a list of 1 to 64 records")
+    for i, rec in enumerate(cpus):
+        _keys(f"vcpu {i}", rec, {"id", "msrs", "mp_state", *_BLOBS})
+        if rec["id"] != i:
+            raise VmStateError(f"vcpu record {i} has id {rec['id']!r}")
+        _int(f"vcpu {i} mp_state", rec["mp_state"], 32)
+        for name, cls in _BLOBS.items():
+            if name == "lapic" and rec[name] is None:
+                continue
+            h = rec[name]
+            if not isinstance(h, str) or len(h) != 2 * ctypes.sizeof(cls) or \
+                    h.strip("0123456789abcdef"):
+                raise VmStateError(f"vcpu {i} {name} is not {ctypes.sizeof(cls)} bytes of hex")
+        msrs = rec["msrs"]
+        if not isinstance(msrs, list) or len(msrs) > 256:
+            raise VmStateError(f"vcpu {i} msrs must be a list of at most 256 pairs")
+        for pair in msrs:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise VmStateError(f"vcpu {i} msrs holds a non-pair")
+            _int(f"vcpu {i} MSR index", pair[0], 32)
+            _int(f"vcpu {i} MSR {pair[0]:#x}", pair[1])
+    devstate.check_devices(st["devices"])

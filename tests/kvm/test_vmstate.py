@@ -1,0 +1,155 @@
+"""Whole-VM capture and restore on real KVM: the guest carries on in a new Machine."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sealvm.core import vmstate
+from sealvm.core.addr import MiB
+from sealvm.core.boot.elf import parse_elf
+from sealvm.core.machine import Machine, MachineConfig
+from tests.conftest import guest_image, needs_kvm
+
+pytestmark = needs_kvm
+
+
+class Console:
+    def __init__(self):
+        self.data = bytearray()
+        self.lock = threading.Lock()
+
+    def __call__(self, b: bytes) -> None:
+        with self.lock:
+            self.data += b
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            return bytes(self.data).decode(errors="replace").splitlines()
+
+    def wait_for(self, pred, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred(self.lines()):
+                return True
+            time.sleep(0.02)
+        return False
+
+
+def start(name: str, cmdline: str, memory: int = 64 * MiB, vcpus: int = 1, rng: bool = False):
+    con = Console()
+    image = guest_image(name).read_bytes()
+    m = Machine(MachineConfig(image=image, memory=memory, vcpus=vcpus, cmdline=cmdline,
+                              rng=rng), con)
+    m.build()
+    m.start()
+    return m, con, image
+
+
+def capture_and_restore(m: Machine, paused: bool = True, **kw):
+    """Pause, capture through a serialised blob, close, and build the restored machine."""
+    m.pause()
+    state = m.capture_state()
+    ram = vmstate.read_ram(m.memory)
+    cfg = m.config
+    m.close()
+    blob = vmstate.to_bytes(state)
+    assert vmstate.to_bytes(vmstate.from_bytes(blob)) == blob      # canonical
+    con = Console()
+    m2 = Machine(MachineConfig(image=b"", memory=cfg.memory, vcpus=cfg.vcpus, rng=cfg.rng,
+                               restore=vmstate.Restore(vmstate.from_bytes(blob), ram,
+                                                       paused=paused)), con)
+    m2.build()
+    return m2, con, state
+
+
+def test_memtouch_continues_after_restore_without_mismatch():
+    m, con, image = start("memtouch", "mib=8 secs=0 rate=2000")
+    progress = parse_elf(image).symbols["progress"]
+    assert con.wait_for(lambda ls: any(l.startswith("memtouch t=2") for l in ls), 20), con.lines()
+    m2, con2, _ = capture_and_restore(m)
+    try:
+        before = [m2.memory.read_u64(progress + off) for off in (8, 16, 24)]
+        m2.start()
+        time.sleep(0.3)
+        assert [m2.memory.read_u64(progress + off) for off in (8, 16, 24)] == before  # paused
+        m2.resume()
+        assert con2.wait_for(lambda ls: len([l for l in ls if l.startswith("memtouch t=")]) >= 2,
+                             10), con2.lines()
+        ticks = [l for l in con2.lines() if l.startswith("memtouch t=")]
+        assert all(l.endswith(" ok") for l in ticks), ticks
+        assert int(ticks[0].split()[1][2:]) >= 3          # the guest's clock did not restart
+        after = [m2.memory.read_u64(progress + off) for off in (8, 16, 24)]
+        assert all(a > b for a, b in zip(after, before)), (before, after)
+        assert m2.memory.read_u64(progress + 32) == 0     # no mismatches
+    finally:
+        m2.close()
+
+
+def test_compute_on_two_vcpus_finishes_equal_after_restore():
+    m, con, _ = start("compute", "iters=3000000000", vcpus=2)
+    time.sleep(1.0)
+    assert not m.wait(0), con.lines()
+    m2, con2, state = capture_and_restore(m, paused=False)
+    assert len(state["vcpus"]) == 2
+    try:
+        m2.start()
+        assert m2.wait(120), con2.lines()
+        assert m2.exit_status == 0, (m2.stop_reason, con2.lines())
+        assert "compute vcpus=2 results=equal" in con2.lines()
+    finally:
+        m2.close()
+
+
+def test_rng_completes_after_restore_mid_run():
+    m, con, _ = start("rng", "chunk=4096 count=200000 timeout=60", rng=True)
+    transport = m.virtio[0].transport
+    end = time.monotonic() + 20
+    while transport.queues[0].used_idx < 1000 and time.monotonic() < end:
+        time.sleep(0.01)
+    m2, con2, state = capture_and_restore(m)
+    q = state["devices"]["virtio"][0]["transport"]["queues"][0]
+    assert q["ready"] and q["last_avail_idx"] > 0
+    try:
+        m2.start()
+        m2.resume()
+        assert m2.wait(60), con2.lines()
+        assert m2.exit_status == 0, (m2.stop_reason, con2.lines())
+        assert any(l.startswith("rng bytes=") and l.endswith(" ok") for l in con2.lines())
+        assert not m2.virtio[0].transport.broken
+    finally:
+        m2.close()
+
+
+def test_capture_is_refused_while_running():
+    m, con, _ = start("memtouch", "mib=8 secs=0 rate=2000")
+    try:
+        with pytest.raises(vmstate.VmStateError, match="paused"):
+            m.capture_state()
+    finally:
+        m.close()
+
+
+def _small_state() -> dict:
+    m, _, _ = start("memtouch", "mib=8 secs=0 rate=2000", memory=16 * MiB)
+    try:
+        time.sleep(0.2)
+        m.pause()
+        return m.capture_state()
+    finally:
+        m.close()
+
+
+def test_from_bytes_refuses_bad_blobs():
+    blob = vmstate.to_bytes(_small_state())
+    with pytest.raises(vmstate.VmStateError, match="version"):
+        vmstate.from_bytes(blob.replace(b'"version":1', b'"version":2'))
+    with pytest.raises(vmstate.VmStateError, match="truncated"):
+        vmstate.from_bytes(blob[:-10])
+    with pytest.raises(vmstate.VmStateError, match="exceeds"):
+        vmstate.from_bytes(b" " * (vmstate.MAX_STATE_BYTES + 1))
+    with pytest.raises(vmstate.VmStateError, match="not a sealvm-vmstate"):
+        vmstate.from_bytes(b"{}")
+    with pytest.raises(vmstate.VmStateError, match="sregs"):
+        vmstate.from_bytes(blob.replace(b'"sregs":"', b'"sregs":"00'))
