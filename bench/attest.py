@@ -75,8 +75,7 @@ def run(args) -> dict:
     from sealvm.tools import swtpm
     tpm_env = {}
     if shutil.which("swtpm"):
-        port = swtpm.free_port_pair()
-        swtpm.start(base / "tpm", port)
+        port = swtpm.start_on_free_port(base / "tpm")
         tpm_env = {"SEALVM_TPM": f"127.0.0.1:{port}"}
     d, broker, url = _owner(base, hello, tpm_env)
     plain, attested, tpm = [], [], []

@@ -434,15 +434,23 @@ def plot_path(name: str, out_dir: Path = RESULTS_DIR, tag: str = "") -> Path:
     return Path(out_dir) / f"{stem}.png"
 
 
-def bar_plot(path: Path, title: str, groups: dict[str, list[float]], ylabel: str,
-             log: bool = False, note: str = "") -> Path | None:
-    """Bars at the median of each group, every sample as a dot."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (said once) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def bar_plot(path: Path, title: str, groups: dict[str, list[float]], ylabel: str,
+             log: bool = False, note: str = "") -> Path | None:
+    """Bars at the median of each group, every sample as a dot."""
+    plt = pyplot()
+    if plt is None:
         return None
     labels = list(groups)
     meds = [median(groups[k]) or 0 for k in labels]

@@ -333,11 +333,8 @@ def plot(result: dict, path: Path) -> None:
         groups[f"{k}\nexit"] = s["exit_ms"]
     C.bar_plot(path, "hello.elf: process start -> first serial byte / exit (ms, lower is better)",
                groups, "ms", note=result["host"]["qemu_version"] or "")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = C.pyplot()
+    if plt is None:
         return
     # Second figure: stacked breakdown of sealvm's own time (medians).
     bd = result["sealvm_breakdown_ms"]

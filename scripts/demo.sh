@@ -28,8 +28,9 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 if [ "${SEALVM_DEMO_TPM:-0}" = 1 ]; then
     step "0. this host's TPM: a private swtpm on loopback"
-    TPM_PORT=$(.venv/bin/python -c 'from sealvm.tools.swtpm import free_port_pair; print(free_port_pair())')
-    .venv/bin/python -m sealvm.tools.swtpm start "$WORK/tpm" "$TPM_PORT"
+    TPM_PORT=$(.venv/bin/python -c 'import sys; from sealvm.tools.swtpm import start_on_free_port
+print(start_on_free_port(sys.argv[1]))' "$WORK/tpm")
+    echo "swtpm listening on 127.0.0.1:$TPM_PORT"
     export SEALVM_TPM="127.0.0.1:$TPM_PORT"
 fi
 

@@ -187,6 +187,23 @@ def start(state_dir: str | os.PathLike, port: int, timeout: float = 10.0) -> int
     return pid
 
 
+def start_on_free_port(state_dir: str | os.PathLike, tries: int = 5) -> int:
+    """Start swtpm for state_dir on a free loopback port pair; return the port.
+
+    The pair can be taken between finding it free and swtpm binding it, so a
+    port that turns out to be in use is retried with another pair.
+    """
+    for _ in range(tries):
+        port = free_port_pair()
+        try:
+            start(state_dir, port)
+            return port
+        except SwtpmError as e:
+            if "in use" not in str(e):
+                raise
+    raise SwtpmError(f"no free port pair for swtpm after {tries} tries")
+
+
 def _wait_answers(port: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,6 +14,9 @@ import ctypes
 import os
 import pickle
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 from sealvm.host.corelink import CoreLink
 from sealvm.launcher.spawn import spawn_core
-from tests.conftest import guest_image
+from tests.conftest import ROOT, guest_image
 
 ATTACKER_UID = 63990            # plays the host daemon's uid in these tests
 CORE_UID_RANGE = (64900, 64999)
@@ -248,3 +251,21 @@ def search_process_memory(pid: int, needle: bytes) -> list[str]:
             except OSError:
                 continue
     return hits
+
+
+def start_broker(owner_dir, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """The owner's key broker as its own process on a free loopback port, once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "owner", "broker", "--dir",
+                             str(owner_dir), "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"

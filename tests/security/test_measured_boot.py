@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,15 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, guest_image, needs_kvm
+from tests.security.harness import start_broker
 
 pytestmark = needs_kvm
 GOOD_CMDLINE = "greeting=owner"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args, cwd=ROOT, timeout=60) -> subprocess.CompletedProcess:
@@ -48,18 +42,8 @@ def owner(tmp_path_factory):
     m = json.loads(cli("measure").stdout)
     for kind, value in (("host", m["host_pub"]), ("core", m["core_measurement"])):
         assert cli("owner", "policy", "--dir", str(d), "add", kind, value).returncode == 0
-    port = free_port()
-    broker = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "owner", "broker", "--dir",
-                               str(d), "--port", str(port)], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield {"dir": d, "url": f"http://127.0.0.1:{port}", "measurement": m["core_measurement"]}
+    broker, url = start_broker(d)
+    yield {"dir": d, "url": url, "measurement": m["core_measurement"]}
     broker.terminate()
     broker.wait(10)
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import ROOT, guest_image, needs_kvm
+from tests.security.harness import start_broker
 
 pytestmark = needs_kvm
 if shutil.which("swtpm") is None:
@@ -36,24 +35,6 @@ pytest.importorskip("tpm2_pytss", reason="tpm2-pytss is not installed")
 from sealvm.tools import swtpm                                  # noqa: E402
 
 GOOD_CMDLINE = "greeting=owner"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_swtpm(state) -> int:
-    for _ in range(5):                  # the port pair may be taken between probe and bind
-        port = swtpm.free_port_pair()
-        try:
-            swtpm.start(state, port)
-            return port
-        except swtpm.SwtpmError as e:
-            if "in use" not in str(e):
-                raise
-    raise RuntimeError("could not find a free port pair for swtpm")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +50,7 @@ def env(tmp_path_factory):
 def tpms(tmp_path_factory):
     """{"trusted": HOST:PORT, "other": HOST:PORT}: two private swtpms."""
     states = [tmp_path_factory.mktemp(f"swtpm-{n}") for n in ("trusted", "other")]
-    ports = [start_swtpm(s) for s in states]
+    ports = [swtpm.start_on_free_port(s) for s in states]
     yield {"trusted": f"127.0.0.1:{ports[0]}", "other": f"127.0.0.1:{ports[1]}"}
     for s in states:
         swtpm.stop(s)
@@ -99,18 +80,8 @@ def owner(tmp_path_factory, env, tpms):
     for args in (("add", "core", m["core_measurement"]), ("add", "tpm", m["tpm_ak_pub"]),
                  ("add", "host", m["host_pub"]), ("require-tpm", "yes")):
         assert cli(env, "owner", "policy", "--dir", str(d), *args).returncode == 0
-    port = free_port()
-    broker = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "owner", "broker", "--dir",
-                               str(d), "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield {"dir": d, "url": f"http://127.0.0.1:{port}", "other_ak": other}
+    broker, url = start_broker(d, env)
+    yield {"dir": d, "url": url, "other_ak": other}
     broker.terminate()
     broker.wait(10)
 

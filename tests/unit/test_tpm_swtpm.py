@@ -43,22 +43,10 @@ NONCE = bytes(range(32))
 QD = qualifying_data(NONCE, b"A" * 32, b"E" * 32)
 
 
-def _start_swtpm(state) -> int:
-    for _ in range(5):                          # the port pair may be taken between probe and bind
-        port = swtpm.free_port_pair()
-        try:
-            swtpm.start(state, port)
-            return port
-        except swtpm.SwtpmError as e:
-            if "in use" not in str(e):
-                raise
-    raise RuntimeError("could not find a free port pair for swtpm")
-
-
 @pytest.fixture(scope="module")
 def tpm_port(tmp_path_factory):
     state = tmp_path_factory.mktemp("swtpm")
-    port = _start_swtpm(state)
+    port = swtpm.start_on_free_port(state)
     yield port
     swtpm.stop(state)
 
@@ -66,7 +54,7 @@ def tpm_port(tmp_path_factory):
 @pytest.fixture(scope="module")
 def other_tpm_port(tmp_path_factory):
     state = tmp_path_factory.mktemp("swtpm-other")
-    port = _start_swtpm(state)
+    port = swtpm.start_on_free_port(state)
     yield port
     swtpm.stop(state)
 
@@ -298,7 +286,7 @@ def test_the_ak_is_rederived_identically_when_its_persistent_copy_is_gone(tpm_po
 
 
 def test_the_ak_survives_a_swtpm_restart(tmp_path):
-    port = _start_swtpm(tmp_path)
+    port = swtpm.start_on_free_port(tmp_path)
     try:
         with Tpm(port=port) as t:
             before = t.attestation_key()
@@ -316,7 +304,7 @@ def test_the_ak_survives_a_swtpm_restart(tmp_path):
      "endorsement"),
 ], ids=["unrestricted", "owner-hierarchy"])
 def test_a_foreign_object_at_the_ak_handle_is_refused(tmp_path, hierarchy, attrs, problem):
-    port = _start_swtpm(tmp_path)
+    port = swtpm.start_on_free_port(tmp_path)
     try:
         with ESAPI(f"swtpm:host=127.0.0.1,port={port}") as esys:
             other = TPMT_PUBLIC.parse("ecc256:ecdsa-sha256:null", nameAlg="sha256",
@@ -340,7 +328,7 @@ def test_an_unreachable_tpm_is_a_clear_error():
 # -- the swtpm tool ----------------------------------------------------------------
 
 def test_swtpm_start_and_stop_are_idempotent(tmp_path):
-    port = _start_swtpm(tmp_path)
+    port = swtpm.start_on_free_port(tmp_path)
     try:
         pid = swtpm.status(tmp_path)[0]
         assert swtpm.start(tmp_path, port) == pid               # already running: same one
