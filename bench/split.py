@@ -72,7 +72,7 @@ def portal_rtt(args, n: int) -> list[float]:
     try:
         link.hello()
         link.load_image(C.guest(args.guests, "idle").read_bytes())
-        link.configure(64, 1, 1, 0, "secs=600")
+        link.configure(64, 1, "pvh", 0, "secs=600")
         link.start()
         out = []
         for _ in range(n):

@@ -13,7 +13,6 @@ start-up path that the benchmarks measure.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 

@@ -22,7 +22,6 @@ from .devices.simple import ExitPort, IdleDoorbell
 from .devices.virtio.mmio import MmioTransport
 from .devices.virtio.rng import VirtioRng
 from .ioworker import QueueWorker
-from .kvm import ioctls as K
 from .kvm.api import Kvm
 from .memory import GuestMemory, RamOptions
 from .vcpu import Vcpu, VcpuControl, install_kick_handler

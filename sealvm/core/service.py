@@ -22,6 +22,12 @@ from .boot.errors import BootError
 from .machine import Machine, MachineConfig, MachineError
 from .memory import MemoryConfigError, RamOptions
 from ..wire.portal import clip_message as clip
+from ..wire.portal_ops import CONFIG_FLAG_BENCH_SINKS as FLAG_BENCH_SINKS
+from ..wire.portal_ops import CONFIG_FLAG_HUGETLB as FLAG_HUGETLB
+from ..wire.portal_ops import CONFIG_FLAG_PREFAULT as FLAG_PREFAULT
+from ..wire.portal_ops import CONFIG_FLAG_RNG as FLAG_RNG
+from ..wire.portal_ops import CONFIG_FLAG_THP as FLAG_THP
+from ..wire.portal_ops import CONFIG_FLAGS as KNOWN_FLAGS
 
 log = logging.getLogger("sealvm.core")
 
@@ -32,8 +38,6 @@ MAX_MANIFEST = 1 << 20
 CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
 ENTRY_MODES = {1: "pvh", 2: "long"}
-FLAG_RNG, FLAG_PREFAULT, FLAG_THP, FLAG_HUGETLB, FLAG_BENCH_SINKS = 1, 2, 4, 8, 16
-KNOWN_FLAGS = 31
 
 
 class Refused(Exception):

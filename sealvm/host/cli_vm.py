@@ -1,7 +1,6 @@
 """`sealvm vm ...`: the daemon's API from the command line (HTTP over its Unix socket)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

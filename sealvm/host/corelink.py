@@ -16,7 +16,20 @@ from ..wire.portal import (EncodeError, Op, PortalClient, PortalClosed, PortalEr
                            PortalTimeout)
 
 IMAGE_CHUNK = 1 << 20
+MAX_IMAGE = 1 << 30
 STATE_NAMES = {0: "configuring", 1: "configured", 2: "running", 3: "paused", 4: "stopped"}
+
+
+def read_image(path: str) -> bytes:
+    """A guest image as the host reads it (with its own rights), at most 1 GiB."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_IMAGE + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if not data or len(data) > MAX_IMAGE:
+        raise ValueError(f"{path} is empty or larger than 1 GiB")
+    return data
 
 
 class CoreRefused(Exception):
@@ -88,9 +101,10 @@ class CoreLink:
             self._call(Op.LOAD_IMAGE, kind=P.ImageKind(kind), offset=off, total=total,
                        data=data[off:off + IMAGE_CHUNK])
 
-    def configure(self, memory_mib: int, vcpus: int, entry: int, flags: int, cmdline: str) -> None:
+    def configure(self, memory_mib: int, vcpus: int, entry: str, flags: int, cmdline: str) -> None:
+        """`entry` is "pvh" or "long"; `flags` are the portal's CONFIG_FLAG_* bits."""
         self._call(Op.CONFIGURE, timeout=120, memory_mib=memory_mib, vcpus=vcpus,
-                   entry=P.EntryMode(entry), flags=flags, cmdline=cmdline)
+                   entry=P.EntryMode[entry.upper()], flags=flags, cmdline=cmdline)
 
     def start(self) -> None:
         self._call(Op.START)

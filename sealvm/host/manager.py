@@ -16,13 +16,12 @@ import time
 
 from ..launcher.protocol import (FLAG_ATTEST, FLAG_INSECURE_SAME_UID, OP_SPAWN, REPLY_SIZE, STATUS_OK,
                                  decode_reply, encode_request, recv_with_fd)
-from .corelink import CoreLink, CoreRefused
+from ..wire.portal_ops import CONFIG_FLAG_RNG
+from .corelink import CoreLink, CoreRefused, read_image
 from .records import RecordStore, VmRecord, new_vm_id
 
 log = logging.getLogger("sealvm.host")
-MAX_IMAGE = 1 << 30
 CONSOLE_READ_MAX = 1 << 20
-ENTRY_CODES = {"pvh": 1, "long": 2}
 
 
 class UnknownVm(KeyError):
@@ -92,9 +91,9 @@ class VmManager:
     def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
                manifest: bytes | None = None) -> VmRecord:
         vm_id = new_vm_id(name)
-        if entry not in ENTRY_CODES:
+        if entry not in ("pvh", "long"):
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
-        data = self._read_image(image)
+        data = read_image(image)
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
@@ -108,7 +107,7 @@ class VmManager:
             link.load_image(data)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
-            link.configure(memory_mib, vcpus, ENTRY_CODES[entry], 1 if rng else 0, cmdline)
+            link.configure(memory_mib, vcpus, entry, CONFIG_FLAG_RNG if rng else 0, cmdline)
         except (CoreRefused, OSError) as e:
             rec.state, rec.stop_reason = "failed", str(e)
             self.store.save(rec)
@@ -116,16 +115,6 @@ class VmManager:
             raise CoreRefused(str(e)) from None
         self._set_state(rec, "configured")
         return rec
-
-    def _read_image(self, path: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_IMAGE + 1)
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e.strerror}") from None
-        if not data or len(data) > MAX_IMAGE:
-            raise ValueError(f"image {path} is empty or larger than 1 GiB")
-        return data
 
     def _call(self, vm_id: str, method: str, need: tuple[str, ...], new_state: str) -> VmRecord:
         rec = self.get(vm_id)

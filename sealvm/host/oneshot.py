@@ -22,8 +22,6 @@ from ..launcher.spawn import LaunchError, spawn_core
 EXIT_CANNOT_START = 125
 EXIT_VM_CRASHED = 126
 EXIT_INTERRUPTED = 130
-ENTRY_CODES = {"pvh": 1, "long": 2}
-FLAG_RNG, FLAG_PREFAULT, FLAG_THP, FLAG_HUGETLB, FLAG_BENCH_SINKS = 1, 2, 4, 8, 16
 
 
 def _fail(msg: str) -> int:
@@ -69,20 +67,22 @@ def _free_hugepages_mib() -> int:
 
 def config_flags(args, memory_mib: int) -> int:
     """CONFIGURE flags for the run options; the host checks what its kernel allows first."""
-    flags = 0 if args.no_rng else FLAG_RNG
-    flags |= FLAG_PREFAULT if args.prefault else 0
-    flags |= FLAG_BENCH_SINKS if args.bench_sinks else 0
+    from ..wire.portal_ops import (CONFIG_FLAG_BENCH_SINKS, CONFIG_FLAG_HUGETLB,
+                                   CONFIG_FLAG_PREFAULT, CONFIG_FLAG_RNG, CONFIG_FLAG_THP)
+    flags = 0 if args.no_rng else CONFIG_FLAG_RNG
+    flags |= CONFIG_FLAG_PREFAULT if args.prefault else 0
+    flags |= CONFIG_FLAG_BENCH_SINKS if args.bench_sinks else 0
     if args.hugepages == "thp":
         if _shmem_thp() not in ("advise", "within_size", "always", "force"):
             raise ValueError("--hugepages thp: this host does not give shared memory transparent "
                              "huge pages (transparent_hugepage/shmem_enabled is "
                              f"'{_shmem_thp()}'; set it to 'advise')")
-        flags |= FLAG_THP
+        flags |= CONFIG_FLAG_THP
     elif args.hugepages == "hugetlb":
         if _free_hugepages_mib() < memory_mib:
             raise ValueError(f"--hugepages hugetlb: {_free_hugepages_mib()} MiB of free huge pages,"
                              f" {memory_mib} MiB needed (raise vm.nr_hugepages)")
-        flags |= FLAG_HUGETLB
+        flags |= CONFIG_FLAG_HUGETLB
     return flags
 
 
@@ -117,13 +117,11 @@ def run_oneshot(args) -> int:
 
 
 def _run(args) -> int:
+    from .corelink import read_image
     try:
-        with open(args.guest, "rb") as f:
-            image = f.read((1 << 30) + 1)
-    except OSError as e:
-        return _fail(f"cannot read {args.guest}: {e.strerror}")
-    if not image or len(image) > 1 << 30:
-        return _fail(f"{args.guest} is empty or larger than 1 GiB")
+        image = read_image(args.guest)
+    except ValueError as e:
+        return _fail(str(e))
     memory_mib = args.memory >> 20
     if args.memory % (1 << 20) or not 2 <= memory_mib <= 65536:
         return _fail(f"memory size must be a whole number of MiB between 2M and 64G, "
@@ -206,7 +204,7 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
             link.load_image(image)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
-            link.configure(memory_mib, args.vcpus, ENTRY_CODES[args.entry],
+            link.configure(memory_mib, args.vcpus, args.entry,
                            flags, args.cmdline)
             link.start()
         except CoreRefused as e:

@@ -82,7 +82,7 @@ def running_core_modules(guest: str = "guests/build/rng.elf") -> list[str]:
     try:
         link.hello()
         link.load_image((ROOT / guest).read_bytes())
-        link.configure(64, 1, 1, 1, "count=4")
+        link.configure(64, 1, "pvh", 1, "count=4")
         link.start()
         done.wait(20)
         threading.Event().wait(0.3)   # the list may come in several LOG events

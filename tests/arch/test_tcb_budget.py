@@ -6,7 +6,6 @@ sneaks into the core is counted the moment it is loaded.
 """
 from __future__ import annotations
 
-import pytest
 
 from sealvm.tools import tcb
 from tests.conftest import needs_kvm

@@ -1,7 +1,6 @@
 """Every test guest, run for real under `sealvm run` on /dev/kvm."""
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys

@@ -121,7 +121,7 @@ def start_core(guest: str = "canary", cmdline: str = "mib=4 secs=60", *,
     core.link = CoreLink(h.vm_id, h.portal, None, on_console=on_console)
     core.link.hello()
     core.link.load_image(guest_image(guest).read_bytes())
-    core.link.configure(memory_mib, 1, 1, 1, cmdline)
+    core.link.configure(memory_mib, 1, "pvh", 1, cmdline)
     core.link.start()
     if not seen.wait(20):
         core.close()

@@ -1,7 +1,6 @@
 """Guest loader: ELF parsing/loading, hvm_start_info, boot CPU state (no KVM needed)."""
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 import subprocess
@@ -13,8 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_loader_elfbuild import (  # noqa: E402
     AP_ENTRY64, BSS_SIZE, CODE, E_ENTRY, E_MACHINE, E_PHENTSIZE, E_PHNUM, E_PHOFF, E_SHOFF, ENTRY32,
-    ENTRY64, LOAD_ADDR, P_FILESZ, P_MEMSZ, P_OFFSET, P_PADDR, PROGRESS, Seg, good_bytes, good_elf,
-    note, phdr_offset, pvh_note)
+    ENTRY64, LOAD_ADDR, P_FILESZ, P_MEMSZ, P_OFFSET, P_PADDR, PROGRESS, Seg, good_bytes, note, phdr_offset, pvh_note)
 
 from sealvm.core.addr import (  # noqa: E402
     BOOT_GDT_GPA, CMDLINE_GPA, CMDLINE_MAX, GPA, MEMMAP_GPA, START_INFO_GPA, GiB, HostOffset, MiB)
