@@ -127,6 +127,8 @@ class Dispatcher:
             P.OP.QUERY: lambda f: s.query(),
             P.OP.CONSOLE_INPUT: lambda f: s.console_input(f["data"]),
             P.OP.ATTACH: lambda f: None,          # done in handle(): it needs the fd
+            P.OP.SNAPSHOT: lambda f: s.snapshot(f["receipt"]),
+            P.OP.RESTORE: lambda f: s.restore(f["receipt"]),
         }
 
     def serve(self, sock: socket.socket) -> None:
