@@ -127,9 +127,10 @@ def build_app(manager: VmManager) -> FastAPI:
 
     @app.get("/v1/vms/{vm_id}/progress")
     def progress(vm_id: str) -> dict:
-        """{"done", "total"} bytes of the snapshot or restore under way (or the last one)."""
+        """{"done", "total"} bytes of the snapshot or restore under way (or the last one),
+        and the phases of the VM's restore in seconds once it is done."""
         done, total = manager.progress.get(vm_id, (0, 0))
-        return {"done": done, "total": total}
+        return {"done": done, "total": total, "restore": manager.timings.get(vm_id)}
 
     @app.get("/v1/vms/{vm_id}", response_model=VmView)
     def get_vm(vm_id: str):

@@ -80,6 +80,7 @@ class VmManager:
         self.records: dict[str, VmRecord] = {}
         self.links: dict[str, CoreLink] = {}
         self.progress: dict[str, tuple[int, int]] = {}
+        self.timings: dict[str, dict] = {}   # the last restore's phases, per VM
 
     # ---- start-up ------------------------------------------------------
     def reattach_all(self) -> None:
@@ -160,11 +161,14 @@ class VmManager:
             finally:
                 os.close(fd)
             self.progress[vm_id] = (0, 0)
+            t0 = time.perf_counter()
             sealed = link.snapshot()
+            t1 = time.perf_counter()
             self._set_state(rec, "paused")
             receipt = broker_advance(rec.broker, sealed["ticket"])
             done = link.snapshot(receipt)
             committed = True
+            timing = {"seal_s": t1 - t0, "commit_s": time.perf_counter() - t1}
         finally:
             if not committed:
                 with contextlib.suppress(OSError):
@@ -175,7 +179,8 @@ class VmManager:
                     self._set_state(rec, "running")
         rec.generation = done["generation"]
         self.store.save(rec)
-        return {"snapshot": path, "generation": done["generation"], "bytes": sealed["bytes"]}
+        return {"snapshot": path, "generation": done["generation"], "bytes": sealed["bytes"],
+                **timing}
 
     def restore(self, snapshot: str, name: str | None, manifest: bytes, broker: str) -> VmRecord:
         """A new VM whose core attests as the restorer of `snapshot` and rebuilds it."""
@@ -191,6 +196,7 @@ class VmManager:
                                m["cmdline"], m["entry"], "rng" in m["devices"], broker=broker)
                 self.records[vm_id] = rec
             try:
+                t0 = time.perf_counter()
                 rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, m["memory_mib"],
                                                                          attest=True)
                 self.store.save(rec)
@@ -198,8 +204,12 @@ class VmManager:
                 link.load_image(manifest, kind=3)
                 link.attach(P.AttachKind.SNAPSHOT, 0, fd)
                 self.progress[vm_id] = (0, 0)
+                t1 = time.perf_counter()
                 ticket = link.restore()["ticket"]
+                t2 = time.perf_counter()
                 rec.generation = link.restore(broker_advance(broker, ticket))["generation"]
+                self.timings[vm_id] = {"spawn_s": t1 - t0, "attest_and_load_s": t2 - t1,
+                                       "commit_s": time.perf_counter() - t2}
             except (CoreRefused, OSError) as e:
                 rec.state, rec.stop_reason = "failed", str(e)
                 self.store.save(rec)

@@ -189,6 +189,16 @@ class Opener:
 
     def open_chunk(self, blob: bytes | memoryview) -> tuple[int, ChunkKind, bytes]:
         """(index, kind, payload) of the next chunk; refuses anything not next in this set."""
+        return self._open(blob, None)
+
+    def open_chunk_into(self, blob: bytes | memoryview, out: bytearray | memoryview
+                        ) -> tuple[int, ChunkKind, int]:
+        """Like `open_chunk`, the payload decrypted straight into `out`, which must be its
+        exact size (else `malformed`); returns (index, kind, size).  On a refusal `out`
+        holds garbage."""
+        return self._open(blob, out)
+
+    def _open(self, blob, out):
         h = self._started()
         ch = parse_chunk_header(blob, h.chunk_size)
         if h.count != OPEN_STREAM and self._next >= h.count:
@@ -199,12 +209,20 @@ class Opener:
             self._refuse_stranger(ch, hdr, body)
         if ch.count != h.count:
             raise AlteredError("chunk's count field disagrees with its set")
+        misfit = out is not None and len(out) != len(body) - TAG_SIZE
         try:
-            payload = self._aead.decrypt(nonce(h.generation, ch.index), body, hdr + self._ctx)
+            n = nonce(h.generation, ch.index)
+            if out is None or misfit:      # a misfit is opened to name what is wrong
+                payload = self._aead.decrypt(n, body, hdr + self._ctx)
+            else:
+                payload = self._aead.decrypt_into(n, body, hdr + self._ctx, out)
         except InvalidTag:
             raise AlteredError(f"chunk at position {self._next} does not authenticate") from None
         if ch.index != self._next:
             raise ReorderedError(f"chunk {ch.index} where chunk {self._next} belongs")
+        if misfit:
+            raise MalformedError(f"chunk at position {self._next} holds {len(body) - TAG_SIZE} "
+                                 f"bytes where {len(out)} belong")
         self._mac.update(bytes(body[-TAG_SIZE:]))
         self._next += 1
         return ch.index, ch.kind, payload

@@ -53,6 +53,7 @@ CORE_ALLOWED_SYSCALLS: dict[str, int] = {
     "lseek": 8, "fstat": 5,                 # file objects on already-open fds (and SEEK_DATA
                                             # over the RAM memfd for a snapshot)
     "fsync": 74,                            # a sealed snapshot on its attached fd is durable
+    "pwrite64": 18,                         # writing it at known offsets from two threads
     # glibc's fstat (AT_EMPTY_PATH); with a path it only reads metadata, and os.stat is
     # what linecache uses before printing a traceback.
     "newfstatat": 262,
