@@ -37,7 +37,7 @@ MAX_IMAGE = 1 << 30
 MAX_MANIFEST = 1 << 20
 CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
-ENTRY_MODES = {1: "pvh", 2: "long"}
+ENTRY_MODES = {1: "pvh", 2: "long", 3: "linux"}
 
 
 class Refused(Exception):
@@ -94,9 +94,9 @@ class VmService:
     def load_image(self, kind: int, offset: int, total: int, data: bytes) -> None:
         with self._lock:
             self._need(EMPTY)
-            if kind not in (1, 3):
+            if kind not in (1, 2, 3):
                 raise Refused("OUT_OF_RANGE", f"image kind {kind} is not supported by this core")
-            if not 0 < total <= (MAX_IMAGE if kind == 1 else MAX_MANIFEST):
+            if not 0 < total <= (MAX_MANIFEST if kind == 3 else MAX_IMAGE):
                 raise Refused("OUT_OF_RANGE", f"size {total} of image kind {kind} out of range")
             buf = self.blobs.setdefault(kind, [bytearray(), total])
             if offset == 0:
@@ -123,6 +123,11 @@ class VmService:
             if entry not in ENTRY_MODES or flags & ~KNOWN_FLAGS or (
                     flags & FLAG_THP and flags & FLAG_HUGETLB):
                 raise Refused("OUT_OF_RANGE", "unknown entry mode or flags")
+            initrd = self.blobs.get(2)
+            if initrd is not None and (len(initrd[0]) != initrd[1] or ENTRY_MODES[entry] != "linux"):
+                raise Refused("WRONG_STATE", "initrd incomplete, or given for a non-Linux entry")
+            if manifest is not None and ENTRY_MODES[entry] == "linux":
+                raise Refused("FAILED", "an owner manifest for a Linux guest is not supported yet")
             huge = "thp" if flags & FLAG_THP else "hugetlb" if flags & FLAG_HUGETLB else None
             if manifest is not None:
                 if self.attestation is None:
@@ -135,6 +140,7 @@ class VmService:
                     raise Refused("FAILED", str(e)) from None
             cfg = MachineConfig(image=bytes(image), memory=memory_mib * MiB, vcpus=vcpus,
                                 cmdline=cmdline, entry=ENTRY_MODES[entry],
+                                initrd=bytes(initrd[0]) if initrd is not None else None,
                                 rng=bool(flags & FLAG_RNG), kvm_fd=self.kvm_fd,
                                 bench_sinks=bool(flags & FLAG_BENCH_SINKS),
                                 ram=RamOptions(bool(flags & FLAG_PREFAULT), huge))

@@ -80,6 +80,7 @@ class ImageKind(enum.IntEnum):
 class EntryMode(enum.IntEnum):
     PVH = 1
     LONG = 2
+    LINUX = 3         # KERNEL is a bzImage (64-bit boot protocol), INITRD optional
 
 
 class LogLevel(enum.IntEnum):

@@ -175,6 +175,15 @@ class VmFd(_Fd):
             raise KvmError(e.op, e.errno, f"{os.strerror(e.errno)} (slot {slot}, flags {flags:#x}, "
                            f"gpa {guest_phys_addr:#x}, size {memory_size:#x})") from None
 
+    def set_tss_addr(self, gpa: int) -> None:
+        """Three pages at `gpa` (outside guest RAM) for the TSS that VMX's real-mode emulation uses."""
+        self._ioctl(K.KVM_SET_TSS_ADDR, gpa)
+
+    def set_identity_map_addr(self, gpa: int) -> None:
+        """One page at `gpa` (outside guest RAM) for VMX's identity page table."""
+        # SAFETY: a whole u64; the kernel reads it.
+        self._ioctl(K.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(gpa))
+
     def create_vcpu(self, vcpu_id: int) -> "VcpuFd":
         fd = self._ioctl(K.KVM_CREATE_VCPU, vcpu_id)
         try:
