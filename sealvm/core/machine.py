@@ -165,7 +165,7 @@ class Machine:
         if self.linux:
             from .boot.acpi import POWER_PORT
             pm = AcpiPower()
-            self.pio.add(POWER_PORT, pm.PORTS, lambda o, n: pm.read(o), pm.write, "acpi-pm")
+            self.pio.add(POWER_PORT, pm.PORTS, pm.read, pm.write, "acpi-pm")
         ep = ExitPort()
         self.pio.add(EXIT_PORT, ep.PORTS, lambda o, n: ep.read(o), ep.write, "exit-port")
         db = IdleDoorbell()

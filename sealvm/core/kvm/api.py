@@ -230,13 +230,14 @@ class VcpuFd(_Fd):
         self._run_args = (ctypes.c_int(fd), ctypes.c_ulong(K.KVM_RUN), ctypes.c_ulong(0))
 
     def run(self) -> int:
-        """Enter the guest; return kvm_run.exit_reason.  Raises VcpuInterrupted on EINTR."""
+        """Enter the guest; return kvm_run.exit_reason.  Raises VcpuInterrupted on EINTR/EAGAIN."""
         if self.fd < 0:
             raise KvmError("VcpuFd", errno.EBADF, "the fd is closed")
         # SAFETY: KVM_RUN takes no argument; KVM writes only into the vCPU's own mmapped kvm_run.
         if _ioctl(*self._run_args) < 0:
             err = ctypes.get_errno()
-            if err == errno.EINTR:
+            # EAGAIN: a secondary vCPU left its wait for INIT/SIPI; run it again.
+            if err in (errno.EINTR, errno.EAGAIN):
                 raise VcpuInterrupted()
             raise KvmError("KVM_RUN", err)
         return self.run_struct.exit_reason
