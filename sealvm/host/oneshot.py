@@ -208,6 +208,22 @@ def core_exit_reason(handle) -> str:
     return f"the core exited with status {rc}"
 
 
+def _forward_stdin(link, stopped: threading.Event) -> None:
+    """Copy our stdin to the guest's serial console until EOF or the VM stops."""
+    from .corelink import CoreRefused
+    while not stopped.is_set():
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        try:
+            link.console_input(data)
+        except (CoreRefused, RuntimeError, OSError):
+            return
+
+
 def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags: int, args,
            console_fd: int, initrd: bytes | None = None) -> int:
     from .corelink import CoreLink, CoreRefused
@@ -229,6 +245,7 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
             link.start()
         except CoreRefused as e:
             return _fail(str(e))
+        threading.Thread(target=_forward_stdin, args=(link, stopped), daemon=True).start()
         try:
             while not stopped.wait(0.5):
                 if link.client.closed:
