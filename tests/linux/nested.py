@@ -71,6 +71,25 @@ def kernel_package() -> str:
     return DEFAULT_KERNEL_PACKAGE
 
 
+def debian_kernel(package: str | None = None) -> Path:
+    """The cloud kernel's bzImage alone (apt-get download, cached per package)."""
+    package = package or kernel_package()
+    out = CACHE / f"kernel-{package}" / "vmlinuz"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        subprocess.run(["apt-get", "download", "-q", package], cwd=tmp, check=True,
+                       capture_output=True)
+        deb = next(Path(tmp).glob("*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True)
+        kv = package[len("linux-image-"):]
+        shutil.copy(f"{tmp}/x/boot/vmlinuz-{kv}", f"{out}.tmp")
+        os.chmod(f"{out}.tmp", 0o644)
+        os.replace(f"{out}.tmp", out)
+    return out
+
+
 def outer_image(package: str | None = None) -> Path:
     """The outer image directory, built once per (kernel package, build script)."""
     package = package or kernel_package()
