@@ -32,6 +32,7 @@ BENCH_IOEVENT_ADDR = 0xD020_1000
 # Linux guests: KVM's VMX real-mode helpers sit just below the BIOS area at 4 GiB (as in QEMU).
 TSS_GPA, IDENTITY_MAP_GPA = 0xFFFB_D000, 0xFFFB_C000
 SERIAL_IRQ = 4
+KVM_CAP_TSC_DEADLINE_TIMER = 72
 
 
 class MachineError(Exception):
@@ -149,10 +150,12 @@ class Machine:
         devices = [(v.gpa, VIRTIO_MMIO_SIZE, v.irq) for v in self.virtio]   # announced by ACPI
         plan = load_linux(cfg.image, cfg.initrd, self.memory, cfg.cmdline.strip(),
                           vcpus=cfg.vcpus, virtio=devices)
+        from .kvm import state
         supported = self.kvm.supported_cpuid()
+        deadline = state.check_extension(self.vm, KVM_CAP_TSC_DEADLINE_TIMER) > 0
         for i in range(cfg.vcpus):
             fd = self.vm.create_vcpu(i)
-            fd.set_cpuid2(linux_cpuid(supported, i, cfg.vcpus))
+            fd.set_cpuid2(linux_cpuid(supported, i, cfg.vcpus, deadline))
             if i == 0:                       # the others wait in the kernel for INIT/SIPI
                 apply_cpu_state(fd, plan.cpus[0])
             self.vcpus.append(Vcpu(i, fd, self.control, self.pio, self.mmio,
