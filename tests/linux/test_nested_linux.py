@@ -18,16 +18,13 @@ import nested as N
 
 pytestmark = [pytest.mark.kvm]
 
-# The guest reads one line from its console (the host's stdin) and echoes it.
-ECHO_INIT = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
+# The hello guest that first reads one line from its console (sealvm's stdin) and echoes it.
+ECHO_INIT = N.HELLO_INIT.replace("\npoweroff -f", """
 echo "GUEST-READY"
 read -r line
 echo "GUEST-ECHO <$line>"
-poweroff -f
-"""
+poweroff -f""")
+assert "GUEST-ECHO" in ECHO_INIT
 
 # Send a line once the guest is listening; relay everything, keep sealvm's status.
 EXPECT_PY = r"""
@@ -42,10 +39,9 @@ sys.exit(p.wait())
 """
 
 SCRIPT = """
-scenario one sealvm run --kernel vmlinuz --initrd hello.cpio.gz --vcpus 1
+scenario one python3 expect.py sealvm run --kernel vmlinuz --initrd echo.cpio.gz --vcpus 1
 scenario smp2 sealvm run --kernel vmlinuz --initrd hello.cpio.gz --vcpus 2
 scenario panic sealvm run --kernel vmlinuz --initrd panic.cpio.gz
-scenario echo python3 expect.py sealvm run --kernel vmlinuz --initrd echo.cpio.gz
 """
 
 
@@ -99,6 +95,6 @@ def test_guest_panic_ends_run_nonzero_with_panic_text(outer):
 
 
 def test_console_input_reaches_the_guest(outer):
-    rc, text = outer.section("echo")
+    rc, text = outer.section("one")
     assert rc == 0, text[-3000:]
     assert "GUEST-ECHO <hello from the host>" in text
