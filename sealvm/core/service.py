@@ -28,6 +28,7 @@ from ..wire.portal_ops import CONFIG_FLAG_PREFAULT as FLAG_PREFAULT
 from ..wire.portal_ops import CONFIG_FLAG_RNG as FLAG_RNG
 from ..wire.portal_ops import CONFIG_FLAG_THP as FLAG_THP
 from ..wire.portal_ops import CONFIG_FLAGS as KNOWN_FLAGS
+from ..wire.portal_ops import AttachKind
 
 log = logging.getLogger("sealvm.core")
 
@@ -37,7 +38,11 @@ MAX_IMAGE = 1 << 30
 MAX_MANIFEST = 1 << 20
 CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
+PROGRESS_STEP = 64 << 20
 ENTRY_MODES = {1: "pvh", 2: "long", 3: "linux"}
+ATTACH_BLOCK, ATTACH_NET = AttachKind.BLOCK, AttachKind.NET
+ATTACH_NAMES = {k: k.name.lower() for k in AttachKind}
+DEVICE_OF_ATTACH = {ATTACH_BLOCK: "blk", ATTACH_NET: "net"}   # (kind, 0) attached -> device
 
 
 class Refused(Exception):
@@ -67,6 +72,10 @@ class VmService:
         self.blobs: dict[int, list] = {}      # image kind -> [bytes so far, announced total]
         self.attestation = attestation
         self.machine: Machine | None = None
+        self.attached: dict[tuple[int, int], int] = {}   # (AttachKind, index) -> fd
+        self.config: dict | None = None       # what CONFIGURE (or a snapshot) set up
+        self._ticket: bytes | None = None     # a sealed snapshot waiting for its receipt
+        self._progress_sent = 0
         self.exit_status = -1
         self.stop_reason = ""
         self._console_backlog: deque[bytes] = deque()
@@ -108,6 +117,26 @@ class VmService:
                 raise Refused("OUT_OF_RANGE", "image chunk runs past the announced size")
             buf[0] += data
 
+    def attach(self, kind: int, index: int, fd: int) -> None:
+        """Keep an fd the host handed over: a disk file or relay socket before START; a
+        snapshot or migration stream at any time (a newer one replaces the older)."""
+        with self._lock:
+            if kind in DEVICE_OF_ATTACH:
+                self._need(EMPTY)
+                if (kind, index) in self.attached:
+                    raise Refused("WRONG_STATE", f"{ATTACH_NAMES[kind]} {index} is already attached")
+            elif (old := self.attached.pop((kind, index), None)) is not None:
+                os.close(old)
+            self.attached[(kind, index)] = fd
+
+    def take_attached(self, kind: int, index: int) -> int:
+        """Hand over (and forget) an attached fd; the caller closes it."""
+        with self._lock:
+            fd = self.attached.pop((kind, index), None)
+        if fd is None:
+            raise Refused("WRONG_STATE", f"no {ATTACH_NAMES[kind]} {index} is attached")
+        return fd
+
     def configure(self, memory_mib: int, vcpus: int, entry: int, flags: int, cmdline: str) -> None:
         with self._lock:
             self._need(EMPTY)
@@ -128,40 +157,154 @@ class VmService:
                 raise Refused("WRONG_STATE", "initrd incomplete, or given for a non-Linux entry")
             if manifest is not None and ENTRY_MODES[entry] == "linux":
                 raise Refused("FAILED", "an owner manifest for a Linux guest is not supported yet")
-            huge = "thp" if flags & FLAG_THP else "hugetlb" if flags & FLAG_HUGETLB else None
+            devices = ["rng"] if flags & FLAG_RNG else []
+            devices += [DEVICE_OF_ATTACH[k] for k, i in self.attached if k in DEVICE_OF_ATTACH
+                        and i == 0]
             if manifest is not None:
                 if self.attestation is None:
                     raise Refused("FAILED", "this core was started without attestation")
                 try:
                     self.attestation.configure(bytes(manifest[0]), bytes(image), cmdline,
                                                memory_mib, vcpus, ENTRY_MODES[entry],
-                                               ["rng"] if flags & FLAG_RNG else [])
+                                               devices)
                 except AttestationFailed as e:
                     raise Refused("FAILED", str(e)) from None
-            cfg = MachineConfig(image=bytes(image), memory=memory_mib * MiB, vcpus=vcpus,
-                                cmdline=cmdline, entry=ENTRY_MODES[entry],
-                                initrd=bytes(initrd[0]) if initrd is not None else None,
-                                rng=bool(flags & FLAG_RNG), kvm_fd=self.kvm_fd,
-                                bench_sinks=bool(flags & FLAG_BENCH_SINKS),
-                                ram=RamOptions(bool(flags & FLAG_PREFAULT), huge))
-            machine = Machine(cfg, self._console, on_stopped=self._stopped)
-            try:
-                machine.build()
-                self._harden_memory(machine)
-            except (MachineError, BootError, MemoryConfigError) as e:
-                machine.close()
-                raise Refused("FAILED", str(e)) from None
-            except OSError as e:   # includes SandboxError (cannot protect guest RAM)
-                machine.close()
-                raise Refused("FAILED", f"cannot build the VM: {e}") from None
-            self.machine = machine
+            self.config = dict(memory_mib=memory_mib, vcpus=vcpus, entry=ENTRY_MODES[entry],
+                               flags=flags, cmdline=cmdline, devices=sorted(devices))
+            self.machine = self._build(self.config, bytes(image),
+                                       initrd=bytes(initrd[0]) if initrd is not None else None)
             self.blobs.clear()
             self.state = CONFIGURED
+
+    def _build(self, c: dict, image: bytes, restore=None, initrd: bytes | None = None) -> Machine:
+        huge = ("thp" if c["flags"] & FLAG_THP else "hugetlb" if c["flags"] & FLAG_HUGETLB
+                else None)
+        cfg = MachineConfig(image=image, memory=c["memory_mib"] * MiB, vcpus=c["vcpus"],
+                            cmdline=c["cmdline"], entry=c["entry"], initrd=initrd,
+                            rng=bool(c["flags"] & FLAG_RNG), kvm_fd=self.kvm_fd,
+                            bench_sinks=bool(c["flags"] & FLAG_BENCH_SINKS),
+                            ram=RamOptions(bool(c["flags"] & FLAG_PREFAULT), huge),
+                            attached={k: self.attached.pop(k) for k in list(self.attached)
+                                      if k[0] in DEVICE_OF_ATTACH}, restore=restore)
+        machine = Machine(cfg, self._console, on_stopped=self._stopped)
+        try:
+            machine.build()
+            self._harden_memory(machine)
+        except (MachineError, BootError, MemoryConfigError) as e:
+            machine.close()
+            raise Refused("FAILED", str(e)) from None
+        except OSError as e:   # includes SandboxError (cannot protect guest RAM)
+            machine.close()
+            raise Refused("FAILED", f"cannot build the VM: {e}") from None
+        return machine
+
+    # ---- snapshots (docs/snapshots.md) -----------------------------------
+    def _snapshot_key(self) -> bytes:
+        att = self.attestation
+        if att is None or att.keys is None:
+            raise Refused("FAILED", "snapshots need an attested VM: the snapshot key comes "
+                                    "from the owner's broker")
+        return att.keys["snapshot"]
+
+    def _progress(self, done: int, total: int) -> None:
+        if done == total or done - self._progress_sent >= PROGRESS_STEP:
+            self._progress_sent = done
+            self._emit("PROGRESS", {"done": done, "total": total})
+
+    def _commit(self, key: bytes, receipt: bytes) -> dict:
+        """The broker's receipt for the outstanding ticket: this copy is now the newest."""
+        from ..wire import attest as A
+        if self._ticket is None:
+            raise Refused("WRONG_STATE", "no ticket is waiting for a receipt")
+        try:
+            self.attestation.generation = A.check_receipt(key, receipt, self._ticket)
+        except (A.AttestError, ValueError) as e:
+            raise Refused("FAILED", f"receipt refused: {e}") from None
+        self._ticket = None
+        return dict(ticket=b"", generation=self.attestation.generation, bytes=0)
+
+    def _new_ticket(self, key: bytes, set_id: bytes) -> bytes:
+        from ..wire import attest as A
+        att = self.attestation
+        self._ticket = A.advance_ticket(key, att.manifest["name"], att.generation, set_id,
+                                        os.urandom(16))
+        return self._ticket
+
+    def snapshot(self, receipt: bytes) -> dict:
+        """Seal the VM to the attached SNAPSHOT fd as generation+1 (the VM stays paused) and
+        answer the broker ticket; with the broker's receipt, that snapshot is the newest."""
+        with self._lock:
+            self._need(RUNNING, PAUSED)
+            key, att = self._snapshot_key(), self.attestation
+            if receipt:
+                return self._commit(key, receipt)
+            fd = self.take_attached(AttachKind.SNAPSHOT, 0)
+            from . import snapshot as S
+            from .vmstate import VmStateError
+            try:
+                if self.state == RUNNING:
+                    self.machine.pause()
+                    self.state = PAUSED
+                self._progress_sent = 0
+                set_id, size = S.save(self.machine, fd, key, att.manifest["name"],
+                                      att.generation + 1, self.config, self._progress)
+            except (OSError, VmStateError) as e:
+                raise Refused("FAILED", f"snapshot not written: {e}") from None
+            finally:
+                os.close(fd)
+            return dict(ticket=self._new_ticket(key, set_id), generation=att.generation + 1,
+                        bytes=size)
+
+    def restore(self, receipt: bytes) -> dict:
+        """Rebuild the VM from the attached snapshot: attest naming it (the broker releases
+        keys only for the newest snapshot), open and check all of it, answer a ticket; the
+        VM may start once the broker's receipt makes this copy the newest."""
+        with self._lock:
+            if receipt:
+                self._need(CONFIGURED)
+                return self._commit(self._snapshot_key(), receipt)
+            self._need(EMPTY)
+            manifest, att = self.blobs.get(3), self.attestation
+            if manifest is None or len(manifest[0]) != manifest[1] or att is None:
+                raise Refused("WRONG_STATE", "a restore needs an attested core and the owner's "
+                                             "manifest (LOAD_IMAGE kind 3)")
+            from . import snapshot as S
+            fd = self.take_attached(AttachKind.SNAPSHOT, 0)
+            try:
+                reader = S.Reader(fd)
+                h = reader.header
+                att.configure(bytes(manifest[0]), None, "", 0, 0, "", [],
+                              restore={"generation": h.generation, "set": h.set_id})
+                att.release()
+                self._emit("LOG", {"level": 20, "message": clip("attestation: " + att.result)})
+                self._progress_sent = 0
+                self.machine = S.load(reader, att.keys["snapshot"], att.manifest["name"],
+                                      h.generation, self._restored, self._progress)
+            except (S.SnapshotError, AttestationFailed, OSError) as e:
+                raise Refused("FAILED", f"restore refused: {e}") from None
+            finally:
+                os.close(fd)
+            self.blobs.clear()
+            self.state = CONFIGURED
+            return dict(ticket=self._new_ticket(att.keys["snapshot"], os.urandom(16)),
+                        generation=att.generation + 1, bytes=reader.size)
+
+    def _restored(self, config: dict, state: dict) -> Machine:
+        from .vmstate import Restore
+        m = self.attestation.manifest
+        if any(config.get(k) != m[k] for k in ("memory_mib", "vcpus", "entry", "cmdline",
+                                               "devices")):
+            raise Refused("FAILED", "the snapshot's configuration is not the signed manifest's")
+        self.config = config
+        return self._build(config, b"", Restore(state, None, paused=False))
 
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
         with self._lock:
             self._need(CONFIGURED)
+            if self._ticket is not None:
+                raise Refused("WRONG_STATE", "a restored VM starts only once the owner's "
+                                             "broker made it the newest copy (RESTORE receipt)")
             if self.attestation is not None:
                 try:     # before the guest's first instruction and before seccomp
                     self.attestation.release()
@@ -170,6 +313,8 @@ class VmService:
                     raise Refused("FAILED", str(e)) from None
                 self._emit("LOG", {"level": 20, "message": clip(
                     "attestation: " + self.attestation.result)})
+            if self.attestation is not None and self.attestation.keys is not None:
+                from . import snapshot  # noqa: F401  (no imports once seccomp is on)
             self._before_start()
             self.state = RUNNING
             self.machine.start()

@@ -57,10 +57,14 @@ class Op(enum.IntEnum):
     STOP = 0x07
     QUERY = 0x08
     CONSOLE_INPUT = 0x09
+    ATTACH = 0x0A
+    SNAPSHOT = 0x30
+    RESTORE = 0x31
     # events
     CONSOLE_OUTPUT = 0x100
     VM_STOPPED = 0x101
     LOG = 0x102
+    PROGRESS = 0x103
 
 
 class VmState(enum.IntEnum):
@@ -75,6 +79,18 @@ class ImageKind(enum.IntEnum):
     KERNEL = 1
     INITRD = 2
     MANIFEST = 3      # the owner's signed manifest bundle (docs/attestation.md)
+
+
+class AttachKind(enum.IntEnum):
+    """What an fd handed over with ATTACH is for (docs/portal.md)."""
+    BLOCK = 1         # a disk's sealed image or metadata file: the core reads and writes it
+    NET = 2           # a datagram socket the host relays to the owner's gateway
+    SNAPSHOT = 3      # where the next snapshot is written, or a restore is read from
+    MIGRATION = 4     # a migration stream to or from another host
+
+
+MAX_ATTACH_INDEX = 7
+MAX_TICKET = 4096              # a snapshot's generation ticket or the broker's receipt
 
 
 class EntryMode(enum.IntEnum):
@@ -163,6 +179,19 @@ _SPECS = (
     # bytes for the guest's serial console
     OpSpec(Op.CONSOLE_INPUT, "CONSOLE_INPUT", Kind.REQUEST, CAP_VM,
            (Bytes("data", MAX_CONSOLE_INPUT),)),
+    # hand the core one fd (SCM_RIGHTS, in the same message as the frame)
+    OpSpec(Op.ATTACH, "ATTACH", Kind.REQUEST, CAP_VM,
+           (Enum("kind", U8, AttachKind), U8("index", hi=MAX_ATTACH_INDEX))),
+    # empty receipt: pause, seal the VM to the attached SNAPSHOT fd, answer the ticket
+    # the owner's broker must sign; with the broker's receipt: the snapshot is the newest
+    OpSpec(Op.SNAPSHOT, "SNAPSHOT", Kind.REQUEST, CAP_VM,
+           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"))),
+    # empty receipt: attest as the restorer of the attached snapshot, rebuild the VM from
+    # it, answer the ticket; with the broker's receipt the restored VM may start
+    OpSpec(Op.RESTORE, "RESTORE", Kind.REQUEST, CAP_VM,
+           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"))),
     # bytes the guest wrote to its console
     OpSpec(Op.CONSOLE_OUTPUT, "CONSOLE_OUTPUT", Kind.EVENT, None,
            (Bytes("data", MAX_CONSOLE_OUTPUT),)),
@@ -172,6 +201,8 @@ _SPECS = (
     # a core log line (refusals among them)
     OpSpec(Op.LOG, "LOG", Kind.EVENT, None,
            (Enum("level", U8, LogLevel), Str("message", MAX_MESSAGE))),
+    # how far a snapshot or restore has got
+    OpSpec(Op.PROGRESS, "PROGRESS", Kind.EVENT, None, (U64("done"), U64("total"))),
 )
 
 OPS: dict[int, OpSpec] = {spec.number: spec for spec in _SPECS}

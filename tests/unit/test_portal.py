@@ -24,8 +24,13 @@ REQUESTS = {
                        cmdline="console=ttyS0 greeting=wörld"),
     Op.START: {}, Op.PAUSE: {}, Op.RESUME: {}, Op.STOP: {}, Op.QUERY: {},
     Op.CONSOLE_INPUT: dict(data=b"ls\n"),
+    Op.ATTACH: dict(kind=P.AttachKind.BLOCK, index=1),
+    Op.SNAPSHOT: dict(receipt=b'{"body":"x","mac":"y"}'),
+    Op.RESTORE: dict(receipt=b""),
 }
 REPLIES = {
+    Op.SNAPSHOT: dict(ticket=b"{}", generation=7, bytes=1 << 30),
+    Op.RESTORE: dict(ticket=b"", generation=8, bytes=1 << 30),
     Op.HELLO: dict(core_version=1, vm_token=TOKEN, state=P.VmState.EMPTY),
     Op.QUERY: dict(state=P.VmState.RUNNING, exit_status=-1, stop_reason="", vcpus=2,
                    memory_mib=64, exits=12345678901),
@@ -34,6 +39,7 @@ EVENTS = {
     Op.CONSOLE_OUTPUT: dict(data=b"hello\r\n"),
     Op.VM_STOPPED: dict(exit_status=3, reason="guest wrote the exit port"),
     Op.LOG: dict(level=P.LogLevel.WARNING, message="refused op 0x2: out of range"),
+    Op.PROGRESS: dict(done=1 << 30, total=2 << 30),
 }
 
 
@@ -174,7 +180,7 @@ def test_over_the_ops_own_maximum_is_too_big_but_not_fatal():
     (frame(Kind.REQUEST, Op.START, version=0), Status.BAD_VERSION),
     (frame(0, Op.START), Status.BAD_KIND),
     (frame(4, Op.START), Status.BAD_KIND),
-    (frame(Kind.REQUEST, 0x0A), Status.UNKNOWN_OP),
+    (frame(Kind.REQUEST, 0x0F), Status.UNKNOWN_OP),
     (frame(Kind.REQUEST, 0), Status.UNKNOWN_OP),
     (frame(Kind.REQUEST, Op.LOG, lp(b"x")), Status.UNKNOWN_OP),       # an event op as a request
     (frame(Kind.REQUEST, Op.START, flags=1), Status.MALFORMED),
