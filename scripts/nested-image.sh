@@ -24,7 +24,6 @@ KV=${PKG#linux-image-}
 cp "$WORK/kpkg/boot/vmlinuz-$KV" "$OUT/vmlinuz.tmp"
 rm -rf "$OUT/modules"; mkdir -p "$OUT/modules"
 cp -a "$WORK/kpkg/lib/modules/$KV" "$OUT/modules/"
-depmod -b "$OUT/modules/.." "$KV" 2>/dev/null || true
 MODS="$WORK/kpkg/lib/modules/$KV/kernel"
 
 step "stage-1 initramfs"

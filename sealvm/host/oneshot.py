@@ -131,6 +131,10 @@ def guest_images(args) -> tuple[bytes, bytes | None]:
         raise ValueError("--initrd needs a Linux kernel (--kernel, or --entry linux)")
     if args.entry == "linux" and not args.cmdline:
         args.cmdline = LINUX_DEFAULT_CMDLINE
+    if args.entry == "linux" and os.path.isdir("/sys/module/kvm_pvm"):
+        print("sealvm: WARNING: this host's KVM is kvm_pvm, which runs only kernels built as PVM "
+              "guests: an unmodified Linux kernel will not get past its first instructions "
+              "(see docs/linux.md)", file=sys.stderr)
     image = read_image(args.kernel or args.guest)
     return image, (read_image(args.initrd) if args.initrd is not None else None)
 
