@@ -263,6 +263,85 @@ def test_forged_ticket_is_refused_by_the_broker(world):
                                                              b"\x02" * 16, b"\x03" * 16))
 
 
+# ---- another host: its own network namespace and daemon ----------------------------------
+@pytest.fixture(scope="module")
+def host_b(world):
+    """A second host: a network namespace joined to this one by a veth pair, its own
+    `sealvm hostd` inside it, and the owner's broker reachable at 10.201.0.1."""
+    tag = f"{os.getpid() % 100000}"
+    ns, va, vb = f"svsnap{tag}", f"svsa{tag}", f"svsb{tag}"
+
+    def sh(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True)
+    try:
+        sh("ip", "netns", "add", ns)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        pytest.skip(f"cannot make a network namespace here: {e}")
+    try:
+        sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
+        sh("ip", "link", "set", vb, "netns", ns)
+        sh("ip", "addr", "add", "10.201.0.1/24", "dev", va)
+        sh("ip", "link", "set", va, "up")
+        sh("ip", "-n", ns, "addr", "add", "10.201.0.2/24", "dev", vb)
+        sh("ip", "-n", ns, "link", "set", vb, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        port = free_port()
+        broker = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "owner", "broker", "--dir",
+                                   str(world["owner"]), "--listen", "10.201.0.1", "--port",
+                                   str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        base = world["base"] / "host-b"
+        base.mkdir(mode=0o755)
+        log = open(base / "hostd.log", "wb")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "sealvm.cli", "hostd",
+             f"--state-dir={base / 'state'}", f"--run-dir={base / 'run'}", "--host-uid=63970",
+             "--uid-range=64400-64499"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        hb = Hostd.__new__(Hostd)
+        hb.base, hb.state, hb.run, hb.log, hb.proc = base, base / "state", base / "run", log, proc
+        hb.sock = str(base / "run" / "hostd.sock")
+        hb.wait_ready()
+        yield {"hostd": hb, "url": f"http://10.201.0.1:{port}", "ns": ns}
+        hb.close()
+        broker.terminate()
+        broker.wait(10)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", va], capture_output=True)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def test_snapshot_restores_on_another_host_and_fences_the_first(world, host_b):
+    w, b = world, host_b
+    vm = create(w, "snap", "memtouch", MEMTOUCH, "snap-x", b["url"])
+    wait_for(w, vm, r"memtouch t=1 ")
+    s = snapshot(w, vm, snap_dir(w) / "x.svs")
+    moved = b["hostd"].base / "x.svs"            # what an operator copies between hosts
+    shutil.copy(s["path"], moved)
+    os.chmod(moved, 0o644)
+    r = b["hostd"].api().post("/v1/restore", json=dict(
+        snapshot=str(moved), name="snap-x", manifest=str(w["public"] / "vms" / "snap"),
+        broker=b["url"], start=True))
+    assert r.status_code == 201, r.text
+    deadline = time.monotonic() + 20
+    while "memtouch t=" not in b["hostd"].api().get("/v1/vms/snap-x/console").text:
+        assert time.monotonic() < deadline, "the restored VM did not run on host B"
+        time.sleep(0.1)
+    text = b["hostd"].api().get("/v1/vms/snap-x/console").text
+    assert "MISMATCH" not in text and "memtouch base=" not in text
+    again = w["hostd"].cli("snapshot", vm, "--output", str(snap_dir(w) / "x2.svs"))
+    assert again.returncode != 0 and b"fenced" in again.stderr, again.stderr
+    w["hostd"].api().delete(f"/v1/vms/{vm}")
+    b["hostd"].api().delete("/v1/vms/snap-x")
+
+
 def read_guest_secret(pid: int) -> bytes:
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
