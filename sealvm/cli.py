@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="boot one VM in the foreground and exit with the guest's status",
         description="Boot GUEST (a PVH ELF kernel), or a Linux bzImage given with --kernel "
                     "(and --initrd), in a new KVM virtual machine, show its serial "
-                    "console on stdout (and read stdin when interactive), and exit with the status "
+                    "console on stdout (and send stdin to its serial input), and exit with the status "
                     "the guest writes to its exit port 0xf4. Ctrl-C stops the VM cleanly. "
                     "Exit codes: the guest's status; 125 the VM could not start; 126 the VM "
                     "crashed; 130 interrupted. A Linux guest ends the VM by powering off "

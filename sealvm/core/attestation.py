@@ -51,7 +51,8 @@ class Attestation:
         self.result = "no attestation (no owner manifest given)"
 
     def configure(self, blob: bytes, image: bytes | None, cmdline: str, memory_mib: int,
-                  vcpus: int, entry: str, devices: list[str], restore: dict | None = None) -> None:
+                  vcpus: int, entry: str, devices: list[str], restore: dict | None = None,
+                  migrate_from: int | None = None) -> None:
         """Check the owner's manifest bundle; add owner and guest entries to the log.  For a
         restore (image None, `restore` = {"generation", "set"}), the guest is what the
         snapshot holds: the manifest's own values are measured, with the snapshot named."""
@@ -79,6 +80,8 @@ class Attestation:
                                                 devices)]
         if restore is not None:
             self.bundle["log"].append(A.restore_entry(restore["generation"], restore["set"]))
+        if migrate_from is not None:
+            self.bundle["log"].append(A.migrate_in_entry(migrate_from))
 
     def release(self) -> None:
         """Run the broker round through the preboot stage; keep the opened keys."""

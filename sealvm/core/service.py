@@ -10,8 +10,10 @@ offsets and counts are re-checked even where the wire decoder already did.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
+import socket
 import threading
 from collections import deque
 from typing import Callable
@@ -39,6 +41,7 @@ MAX_MANIFEST = 1 << 20
 CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
 PROGRESS_STEP = 64 << 20
+MIGRATION_TIMEOUT = 60.0
 ENTRY_MODES = {1: "pvh", 2: "long", 3: "linux"}
 ATTACH_BLOCK, ATTACH_NET = AttachKind.BLOCK, AttachKind.NET
 ATTACH_NAMES = {k: k.name.lower() for k in AttachKind}
@@ -76,6 +79,7 @@ class VmService:
         self.config: dict | None = None       # what CONFIGURE (or a snapshot) set up
         self._ticket: bytes | None = None     # a sealed snapshot waiting for its receipt
         self._progress_sent = 0
+        self._migrated = False                # sent away: no resume without a receipt
         self.exit_status = -1
         self.stop_reason = ""
         self._console_backlog: deque[bytes] = deque()
@@ -176,7 +180,8 @@ class VmService:
             self.blobs.clear()
             self.state = CONFIGURED
 
-    def _build(self, c: dict, image: bytes, restore=None, initrd: bytes | None = None) -> Machine:
+    def _build(self, c: dict, image: bytes, restore=None, memory=None,
+               initrd: bytes | None = None) -> Machine:
         huge = ("thp" if c["flags"] & FLAG_THP else "hugetlb" if c["flags"] & FLAG_HUGETLB
                 else None)
         cfg = MachineConfig(image=image, memory=c["memory_mib"] * MiB, vcpus=c["vcpus"],
@@ -185,7 +190,8 @@ class VmService:
                             bench_sinks=bool(c["flags"] & FLAG_BENCH_SINKS),
                             ram=RamOptions(bool(c["flags"] & FLAG_PREFAULT), huge),
                             attached={k: self.attached.pop(k) for k in list(self.attached)
-                                      if k[0] in DEVICE_OF_ATTACH}, restore=restore)
+                                      if k[0] in DEVICE_OF_ATTACH}, restore=restore,
+                            ram_filled=memory)
         machine = Machine(cfg, self._console, on_stopped=self._stopped)
         try:
             machine.build()
@@ -289,14 +295,91 @@ class VmService:
             return dict(ticket=self._new_ticket(att.keys["snapshot"], os.urandom(16)),
                         generation=att.generation + 1, bytes=reader.size)
 
-    def _restored(self, config: dict, state: dict) -> Machine:
+    def _restored(self, config: dict, state: dict, memory=None) -> Machine:
         from .vmstate import Restore
         m = self.attestation.manifest
         if any(config.get(k) != m[k] for k in ("memory_mib", "vcpus", "entry", "cmdline",
                                                "devices")):
-            raise Refused("FAILED", "the snapshot's configuration is not the signed manifest's")
+            raise Refused("FAILED", "the VM's configuration is not the signed manifest's")
         self.config = config
-        return self._build(config, b"", Restore(state, None, paused=False))
+        return self._build(config, b"", Restore(state, None, paused=False), memory)
+
+    # ---- live migration (docs/migration.md) ------------------------------
+    def migrate_out(self, receipt: bytes) -> dict:
+        """Send the VM over the attached MIGRATION stream; it ends paused here, and may
+        resume only with the broker's receipt for the ticket (the target never took over)."""
+        from . import migration as MG
+        from ..wire.sealed import SealError
+        with self._lock:
+            key, att = self._snapshot_key(), self.attestation
+            if receipt:
+                self._need(PAUSED)
+                done = self._commit(key, receipt)
+                self._migrated = False
+                self.machine.resume()
+                self.state = RUNNING
+                return dict(done, report="")
+            self._need(RUNNING, PAUSED)
+            sock = socket.socket(fileno=self.take_attached(AttachKind.MIGRATION, 0))
+            was_running = self.state == RUNNING
+            try:
+                sock.settimeout(MIGRATION_TIMEOUT)
+                self._progress_sent = 0
+                report = MG.Source(self.machine, sock, key, att.manifest["name"],
+                                   att.generation, self.config, self._progress).run()
+            except (OSError, MG.MigrationError, SealError, ValueError) as e:
+                if was_running:     # the stream never ended: the target cannot take over
+                    self.machine.resume()
+                raise Refused("FAILED", f"migration failed, the VM stays here: {e}") from None
+            finally:
+                sock.close()
+            self.state, self._migrated = PAUSED, True
+            return dict(ticket=self._new_ticket(key, os.urandom(16)),
+                        generation=att.generation + 1, bytes=report["bytes"],
+                        report=json.dumps(report))
+
+    def migrate_in(self, receipt: bytes) -> dict:
+        """Attest as the target, take the VM from the attached MIGRATION stream, answer
+        the ticket; the VM starts once the broker's receipt makes this copy the newest."""
+        from . import migration as MG
+        from .memory import GuestMemory
+        from ..wire.sealed import SealError
+        with self._lock:
+            if receipt:
+                self._need(CONFIGURED)
+                return self._commit(self._snapshot_key(), receipt)
+            self._need(EMPTY)
+            manifest, att = self.blobs.get(3), self.attestation
+            if manifest is None or len(manifest[0]) != manifest[1] or att is None:
+                raise Refused("WRONG_STATE", "a migration target needs an attested core and "
+                                             "the owner's manifest (LOAD_IMAGE kind 3)")
+
+            def attest(vm: str, generation: int) -> bytes:
+                att.configure(bytes(manifest[0]), None, "", 0, 0, "", [],
+                              migrate_from=generation)
+                if att.manifest["name"] != vm:
+                    raise MG.MigrationError(f"the stream carries VM {vm!r}, not "
+                                            f"{att.manifest['name']!r}")
+                att.release()
+                return att.keys["snapshot"]
+
+            sock = socket.socket(fileno=self.take_attached(AttachKind.MIGRATION, 0))
+            try:
+                sock.settimeout(MIGRATION_TIMEOUT)
+                self._progress_sent = 0
+                self.machine, _ = MG.receive(
+                    sock, attest, lambda: GuestMemory.create(att.manifest["memory_mib"] * MiB),
+                    self._restored, self._progress)
+            except (OSError, MG.MigrationError, SealError, AttestationFailed, ValueError,
+                    KeyError) as e:
+                kind = f" ({e.kind})" if isinstance(e, SealError) else ""
+                raise Refused("FAILED", f"migration refused{kind}: {e}") from None
+            finally:
+                sock.close()
+            self.blobs.clear()
+            self.state = CONFIGURED
+            return dict(ticket=self._new_ticket(att.keys["snapshot"], os.urandom(16)),
+                        generation=att.generation + 1, bytes=0)
 
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -314,7 +397,7 @@ class VmService:
                 self._emit("LOG", {"level": 20, "message": clip(
                     "attestation: " + self.attestation.result)})
             if self.attestation is not None and self.attestation.keys is not None:
-                from . import snapshot  # noqa: F401  (no imports once seccomp is on)
+                from . import migration, snapshot  # noqa: F401  (no imports after seccomp)
             self._before_start()
             self.state = RUNNING
             self.machine.start()
@@ -341,6 +424,9 @@ class VmService:
     def resume(self) -> None:
         with self._lock:
             self._need(PAUSED)
+            if self._migrated:
+                raise Refused("WRONG_STATE", "this VM was migrated away: it resumes here only "
+                                             "with the owner's broker's receipt (MIGRATE_OUT)")
             self.machine.resume()
             self.state = RUNNING
 

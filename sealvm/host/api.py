@@ -57,6 +57,22 @@ class SnapshotSpec(BaseModel):
     resume: bool = Field(default=True, description="resume the VM afterwards if it was running")
 
 
+class IncomingSpec(BaseModel):
+    name: str | None = Field(default=None, description="VM id here")
+    manifest: str = Field(description="the owner's signed manifest directory")
+    owner_pub: str | None = None
+    broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
+    listen: str = Field(default="127.0.0.1", description="address the stream is taken on")
+
+
+class MigrateSpec(BaseModel):
+    to: str = Field(description="HOST:PORT of the target (from POST /v1/incoming there)")
+
+
+class FinishSpec(BaseModel):
+    taken_over: bool = Field(description="whether the target VM runs (then stop here)")
+
+
 class RestoreSpec(BaseModel):
     snapshot: str = Field(description="the sealed snapshot file")
     name: str | None = Field(default=None, description="VM id for the restored VM")
@@ -124,6 +140,25 @@ def build_app(manager: VmManager) -> FastAPI:
                 rec = manager.start(rec.id)
             return rec.public()
         return _errors(go)
+
+    @app.post("/v1/incoming", status_code=201)
+    def incoming(spec: IncomingSpec) -> dict:
+        """A core ready to take a migrating VM; {"id", "port"} for the source's stream."""
+        def go():
+            from .oneshot import read_manifest_bundle
+            bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
+            return manager.incoming(spec.name, bundle, spec.broker, spec.listen)
+        return _errors(go)
+
+    @app.post("/v1/vms/{vm_id}/migrate")
+    def migrate_vm(vm_id: str, spec: MigrateSpec) -> dict:
+        """Stream the VM to a target core; the report: rounds, pages, bytes, stop phase."""
+        return _errors(lambda: manager.migrate(vm_id, spec.to))
+
+    @app.post("/v1/vms/{vm_id}/migrate/finish", response_model=VmView)
+    def migrate_finish(vm_id: str, spec: FinishSpec):
+        """Stop here once the target took over, or resume here if it never did."""
+        return _errors(lambda: manager.migrate_finish(vm_id, spec.taken_over).public())
 
     @app.get("/v1/vms/{vm_id}/progress")
     def progress(vm_id: str) -> dict:

@@ -43,6 +43,25 @@ def add_parser(sub, parse_size) -> None:
     sn.add_argument("--output", "-o", metavar="FILE", help="snapshot file the daemon writes "
                     "(default: in the daemon's state directory)")
     sn.add_argument("--leave-paused", action="store_true", help="do not resume the VM after")
+    mg = vs.add_parser("migrate", help="move a running VM to another host's daemon",
+                       description="The target host's daemon starts a core that attests to the "
+                       "owner's broker as this VM's migration target; the two cores prove to "
+                       "each other that the broker released them the VM's key, agree a session "
+                       "key, and the VM's memory and state go over TCP sealed (pre-copy rounds "
+                       "with dirty logging, then a short stop). The target runs the VM only once "
+                       "the broker makes it the newest copy; this copy is then stopped. If "
+                       "anything fails first, the VM goes on running here.")
+    mg.add_argument("vm")
+    mg.add_argument("--to", metavar="SOCKET", required=True,
+                    help="the target host daemon's API socket")
+    mg.add_argument("--address", default="127.0.0.1",
+                    help="address of the target host the stream goes to (default %(default)s)")
+    mg.add_argument("--manifest", metavar="DIR", required=True,
+                    help="the owner's signed manifest directory (read by the target daemon)")
+    mg.add_argument("--owner-pub", metavar="FILE", help="the owner's owner.pub.json")
+    mg.add_argument("--broker", metavar="URL", help="the owner's key broker as the target "
+                    "reaches it (default: the VM's broker here)")
+    mg.add_argument("--name", help="VM id on the target (default: the same)")
     rs = vs.add_parser("restore", help="a new VM from a sealed snapshot",
                        description="A new core attests to the owner's broker as the restorer "
                        "of SNAPSHOT; the broker releases the key only for the VM's newest "
@@ -102,6 +121,40 @@ def _with_progress(http, vm: str, what: str, request):
     return out["r"]
 
 
+def _migrate(http, args) -> int:
+    """Drive both daemons: incoming core there, the stream from here, then finish here."""
+    import time
+    rec = http.get(f"/v1/vms/{args.vm}")
+    _check(rec)
+    broker = args.broker or rec.json()["broker"]
+    name = args.name or args.vm
+    with _client(args.to) as target:
+        r = target.post("/v1/incoming", json=dict(
+            name=name, manifest=os.path.abspath(args.manifest), broker=broker,
+            owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
+            listen=args.address))
+        _check(r)
+        port = r.json()["port"]
+        r = _with_progress(http, args.vm, "migrating", lambda: http.post(
+            f"/v1/vms/{args.vm}/migrate", json={"to": f"{args.address}:{port}"}))
+        if r.status_code >= 400:
+            target.delete(f"/v1/vms/{name}")
+            _check(r)
+        report = r.json()
+        deadline, state = time.monotonic() + 120, "incoming"
+        while state in ("incoming", "configured") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = target.get(f"/v1/vms/{name}").json()["state"]
+        taken = state == "running"
+        r = http.post(f"/v1/vms/{args.vm}/migrate/finish", json={"taken_over": taken})
+        _check(r)
+    print(f"{args.vm}: {'now runs on the target as ' + name if taken else 'stays here'} "
+          f"({r.json()['state']} here); rounds {report['rounds']}, pages {report['pages']}, "
+          f"{report['bytes'] >> 20} MiB sent, stop phase {report['stop_ms']} ms "
+          f"({report['stop_pages']} pages), total {report['total_s']:.2f} s")
+    return 0 if taken else 1
+
+
 def run(args) -> int:
     with _client(args.socket) as http:
         cmd = args.vm_command
@@ -135,6 +188,8 @@ def run(args) -> int:
             _check(r)
             v = r.json()
             print(f"{v['snapshot']}  generation {v['generation']}  {v['bytes'] >> 20} MiB")
+        elif cmd == "migrate":
+            return _migrate(http, args)
         elif cmd == "restore":
             import secrets
             name = args.name or f"restored-{secrets.token_hex(3)}"

@@ -139,6 +139,16 @@ class CoreLink:
         from it and answers a ticket; with the broker's receipt the VM may start."""
         return self._call(Op.RESTORE, timeout=3600, receipt=receipt)
 
+    def migrate_out(self, receipt: bytes = b"") -> dict:
+        """Empty receipt: send the VM over the attached MIGRATION stream; with the broker's
+        receipt (the target never took over): resume here."""
+        return self._call(Op.MIGRATE_OUT, timeout=3600, receipt=receipt)
+
+    def migrate_in(self, receipt: bytes = b"") -> dict:
+        """Empty receipt: take the VM from the attached MIGRATION stream; with the broker's
+        receipt the VM may start."""
+        return self._call(Op.MIGRATE_IN, timeout=3600, receipt=receipt)
+
     def attach(self, kind: int, index: int, fd: int) -> None:
         """Hand the core an fd (P.AttachKind); the caller keeps and may close its copy."""
         self._call(Op.ATTACH, fds=(fd,), kind=P.AttachKind(kind), index=index)

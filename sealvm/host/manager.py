@@ -81,6 +81,7 @@ class VmManager:
         self.links: dict[str, CoreLink] = {}
         self.progress: dict[str, tuple[int, int]] = {}
         self.timings: dict[str, dict] = {}   # the last restore's phases, per VM
+        self.pending_migrations: dict[str, bytes] = {}   # VM -> its resume ticket
 
     # ---- start-up ------------------------------------------------------
     def reattach_all(self) -> None:
@@ -219,6 +220,98 @@ class VmManager:
             os.close(fd)
         self._set_state(rec, "configured")
         return rec
+
+    # ---- live migration (docs/migration.md) ------------------------------
+    def incoming(self, name: str | None, manifest: bytes, broker: str,
+                 listen: str = "127.0.0.1") -> dict:
+        """Get ready to take a migrating VM: a core that will attest as its target, and a
+        TCP port for the source host's stream.  Returns {"id", "port"} at once; the VM
+        starts here only if the owner's broker makes this copy the newest."""
+        import json
+        m = json.loads(json.loads(manifest)["manifest"])
+        vm_id = new_vm_id(name)
+        with self._lock:
+            if vm_id in self.records:
+                raise ValueError(f"a VM named {vm_id!r} exists already")
+            rec = VmRecord(vm_id, "(migration)", m["memory_mib"], m["vcpus"], m["cmdline"],
+                           m["entry"], "rng" in m["devices"], broker=broker)
+            self.records[vm_id] = rec
+        lsock = socket.create_server((listen, 0))
+        try:
+            rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, m["memory_mib"],
+                                                                     attest=True)
+            self.store.save(rec)
+            link = self._link(rec, sock)
+            link.load_image(manifest, kind=3)
+        except (CoreRefused, OSError) as e:
+            lsock.close()
+            rec.state, rec.stop_reason = "failed", str(e)
+            self.store.save(rec)
+            self._finish(vm_id)
+            raise CoreRefused(str(e)) from None
+        self._set_state(rec, "incoming")
+        threading.Thread(target=self._take_over, args=(rec, link, lsock), daemon=True,
+                         name=f"incoming-{vm_id}").start()
+        return {"id": vm_id, "port": lsock.getsockname()[1]}
+
+    def _take_over(self, rec: VmRecord, link: CoreLink, lsock: socket.socket) -> None:
+        try:
+            lsock.settimeout(120)
+            conn, _ = lsock.accept()
+            with conn:
+                link.attach(P.AttachKind.MIGRATION, 0, conn.fileno())
+            self.progress[rec.id] = (0, 0)
+            ticket = link.migrate_in()["ticket"]
+            rec.generation = link.migrate_in(broker_advance(rec.broker, ticket))["generation"]
+            self._set_state(rec, "configured")
+            link.start()
+            self._set_state(rec, "running")
+        except (CoreRefused, OSError) as e:
+            rec.stop_reason = f"migration failed: {e}"
+            self._set_state(rec, "failed")
+            self._finish(rec.id)
+        finally:
+            lsock.close()
+
+    def migrate(self, vm_id: str, to: str) -> dict:
+        """Send the VM to the target core listening at HOST:PORT.  Afterwards the VM is
+        paused here until `migrate_finish` learns whether the target took over."""
+        rec = self.get(vm_id)
+        link = self.links.get(vm_id)
+        if link is None or rec.state not in ("running", "paused"):
+            raise WrongState(f"{vm_id} is {rec.state}; a migration needs a running VM")
+        host, _, port = to.rpartition(":")
+        try:
+            conn = socket.create_connection((host, int(port)), timeout=30)
+        except (OSError, ValueError) as e:
+            raise CoreRefused(f"cannot reach the migration target at {to}: {e}") from None
+        with conn:
+            link.attach(P.AttachKind.MIGRATION, 0, conn.fileno())
+        self.progress[vm_id] = (0, 0)
+        t0 = time.perf_counter()
+        out = link.migrate_out()
+        self.pending_migrations[vm_id] = out["ticket"]
+        self._set_state(rec, "migrated")
+        import json
+        return {**json.loads(out["report"]), "total_s": time.perf_counter() - t0}
+
+    def migrate_finish(self, vm_id: str, taken_over: bool) -> VmRecord:
+        """After a migration: the target took over (stop here), or it did not (resume here,
+        if the owner's broker agrees this copy is still the newest; else stop)."""
+        rec = self.get(vm_id)
+        ticket = self.pending_migrations.pop(vm_id, None)
+        if ticket is None:
+            raise WrongState(f"{vm_id} has no migration waiting to be finished")
+        if not taken_over:
+            try:
+                receipt = broker_advance(rec.broker, ticket)
+                rec.generation = self.links[vm_id].migrate_out(receipt)["generation"]
+                self._set_state(rec, "running")
+                return rec
+            except (CoreRefused, KeyError) as e:
+                rec.stop_reason = f"cannot resume: {e}"
+        rec.stop_reason = rec.stop_reason or "migrated away"
+        return self.stop(vm_id)
 
     def _call(self, vm_id: str, method: str, need: tuple[str, ...], new_state: str) -> VmRecord:
         rec = self.get(vm_id)

@@ -213,8 +213,14 @@ def core_exit_reason(handle) -> str:
 
 
 def _forward_stdin(link, stopped: threading.Event) -> None:
-    """Copy our stdin to the guest's serial console until EOF or the VM stops."""
+    """Copy our stdin to the guest's serial console until EOF or the VM stops (not from a
+    terminal we do not own: reading it from the background would stop us with SIGTTIN)."""
     from .corelink import CoreRefused
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) != os.getpgrp():
+            return
+    except OSError:
+        return
     while not stopped.is_set():
         try:
             data = os.read(0, 4096)

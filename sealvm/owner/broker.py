@@ -247,6 +247,15 @@ class Broker:
         self._set_generation(vm, cur["generation"] + 1, None)
         return cur["generation"] + 1
 
+    def _migration_generation(self, vm: str, migrate: dict) -> int:
+        """A migration target gets the keys only for the VM's newest generation (the copy
+        it takes over); it moves the generation on once it has the whole VM (a ticket)."""
+        cur = self.generation(vm)["generation"]
+        if migrate["generation"] != cur and "generation" not in self.disabled:
+            raise Refusal(f"stale migration: the source runs generation "
+                          f"{migrate['generation']}, the newest is {cur}")
+        return migrate["generation"]
+
     def advance(self, body: Any, peer: str) -> dict:
         """A running core made snapshot `set`: make it the newest generation, if the core
         is still the newest copy of its VM."""
@@ -330,12 +339,16 @@ class Broker:
             try:
                 keys_json = load_vm_keys(self.dir, ev["vm"])
                 restore = A.restore_values(ev["log"])
+                migrate = A.migrate_in_values(ev["log"])
             except OwnerError as e:
                 raise BrokerFault(f"owner configuration: {e}") from None
             except A.AttestError as e:
                 raise Refusal(f"malformed evidence: {e}") from None
             with self._gen_lock:
-                info["generation"] = self._next_generation(ev["vm"], restore)
+                if migrate is not None:
+                    info["generation"] = self._migration_generation(ev["vm"], migrate)
+                else:
+                    info["generation"] = self._next_generation(ev["vm"], restore)
             try:
                 wrapped, salt = A.wrap_keys(A.release_payload(keys_json, info["generation"]),
                                             bytes.fromhex(ev["ephemeral_pub"]),

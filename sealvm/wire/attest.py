@@ -33,7 +33,8 @@ MAX_WRAPPED = 64 << 10
 MAX_MEMORY_MIB, MAX_VCPUS, MAX_CMDLINE = 1 << 20, 256, 4095
 CODE_KINDS = ("interpreter", "core-file", "stdlib-file", "library-file", "pth-file")
 GUEST_KINDS = ("guest-image", "guest-cmdline", "guest-config")
-KINDS = CODE_KINDS + ("core-config", "attestation-key") + GUEST_KINDS + ("vm-restore",)
+KINDS = CODE_KINDS + ("core-config", "attestation-key") + GUEST_KINDS + ("vm-restore",
+                                                                          "vm-migrate-in")
 ENTRY_MODES = ("pvh", "long")
 RELEASE_INFO = b"sealvm key release v2"
 VM_KEY_NAMES = ("disk", "net", "snapshot")
@@ -397,6 +398,17 @@ def restore_values(entries: list) -> dict | None:
                 "log vm-restore")
     return {"generation": _int(r["generation"], "vm-restore.generation", 1, MAX_GENERATION),
             "set": _str(r["set"], "vm-restore.set", 32, _SET_RE)}
+
+def migrate_in_entry(generation: int) -> dict:
+    """The log entry of a core that takes over a migrating VM now at `generation`."""
+    return data_entry("vm-migrate-in", canonical({"generation": generation}).decode())
+
+def migrate_in_values(entries: list) -> dict | None:
+    if not any(e["kind"] == "vm-migrate-in" for e in check_log(entries)):
+        return None
+    r = _fields(_data(_single(entries, "vm-migrate-in")[1], "vm-migrate-in"), ("generation",),
+                "log vm-migrate-in")
+    return {"generation": _int(r["generation"], "vm-migrate-in.generation", 1, MAX_GENERATION)}
 
 def _generation_mac(snapshot_key: bytes, label: bytes, body: bytes) -> bytes:
     key = HKDF(hashes.SHA256(), 32, None, b"sealvm generation v1").derive(bytes(snapshot_key))

@@ -60,6 +60,8 @@ class Op(enum.IntEnum):
     ATTACH = 0x0A
     SNAPSHOT = 0x30
     RESTORE = 0x31
+    MIGRATE_OUT = 0x40
+    MIGRATE_IN = 0x41
     # events
     CONSOLE_OUTPUT = 0x100
     VM_STOPPED = 0x101
@@ -190,6 +192,18 @@ _SPECS = (
     # empty receipt: attest as the restorer of the attached snapshot, rebuild the VM from
     # it, answer the ticket; with the broker's receipt the restored VM may start
     OpSpec(Op.RESTORE, "RESTORE", Kind.REQUEST, CAP_VM,
+           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"))),
+    # empty receipt: send the running VM over the attached MIGRATION stream (pre-copy,
+    # then stop-and-copy), answer the ticket the source needs to resume if the target
+    # never takes over; with the broker's receipt: resume here
+    OpSpec(Op.MIGRATE_OUT, "MIGRATE_OUT", Kind.REQUEST, CAP_VM,
+           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"),
+            Str("report", MAX_MESSAGE))),
+    # empty receipt: attest as the migration target, take the VM from the attached
+    # MIGRATION stream, answer the ticket; with the broker's receipt the VM may start
+    OpSpec(Op.MIGRATE_IN, "MIGRATE_IN", Kind.REQUEST, CAP_VM,
            (Bytes("receipt", MAX_TICKET),),
            (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"))),
     # bytes the guest wrote to its console
