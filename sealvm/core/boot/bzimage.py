@@ -33,7 +33,7 @@ from ..addr import (BOOT_GDT_GPA, CMDLINE_GPA, CMDLINE_MAX, GPA, MMIO_HOLE_START
                     START_INFO_GPA, MiB)
 from ..memory import GuestMemory
 from .acpi import ACPI_AREA_END, ACPI_AREA_START, write_acpi
-from .cpu_state import CODE64, DATA, NO_IDT, CpuState, Dtable, descriptor, long_mode_state, \
+from .cpu_state import CODE64, DATA, CpuState, Dtable, descriptor, long_mode_state, \
     write_long_mode_tables
 from .errors import BadImageError, BootConfigError, CmdlineError
 
@@ -196,7 +196,6 @@ def load_linux(kernel, initrd: bytes | None, memory: GuestMemory, cmdline: str =
     bsp.regs["rbx"], bsp.regs["rsi"] = 0, int(ZERO_PAGE_GPA)
     bsp.segments = {k: dataclasses.replace(v, selector=BOOT_CS if k == "cs" else BOOT_DS)
                     if k not in ("tr", "ldt") else v for k, v in bsp.segments.items()}
-    bsp.idt = NO_IDT
     return LinuxPlan(image=image, zero_page=ZERO_PAGE_GPA,
                      initrd=(GPA(initrd_gpa), len(initrd)) if initrd_gpa is not None else None,
                      cpus=[bsp])
