@@ -235,7 +235,8 @@ def test_old_copy_cannot_resume_after_the_target_took_over(world, host_b):
         pc.hello()
         with pytest.raises(PortalRefused, match="migrated away"):
             pc.call(Op.RESUME)
-    fin = w["hostd"].api().post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": False})
+        fin = w["hostd"].api().post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": False})
+        pc.call(Op.STOP)                  # this connection holds the core's token now
     assert fin.json()["state"] == "stopped" and "fenced" in fin.json()["stop_reason"]
     cleanup(w, b, "mig-f")
 
