@@ -48,6 +48,8 @@ class MachineConfig:
     ram: RamOptions = RamOptions()   # pre-faulting / huge pages for guest RAM (off)
     kvm_fd: int | None = None        # an open /dev/kvm handed over by the launcher
     restore: object | None = None    # a vmstate.Restore: build() restores it, ignores `image`
+    # fds the host attached for devices, (AttachKind, index) -> fd; the machine owns them
+    attached: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -222,8 +224,9 @@ class Machine:
         for slot in self.virtio:
             for w in slot.workers:
                 w.stop()
-        for fd in self._extra_fds:
+        for fd in self._extra_fds + list(self.config.attached.values()):
             os.close(fd)
+        self.config.attached.clear()
         for v in self.vcpus:
             v.fd.close()
         if self.vm is not None:
