@@ -10,6 +10,7 @@
  *   size=B      bytes of the disk used, from offset 0 (default: the whole disk,
  *               at most 64M)
  *   count=N     requests per phase (default size/bs)
+ *               (randread visits the same blocks, in the same order, as randwrite)
  *   seed=N      data generation: every 4 KiB unit holds a pattern of (seed, unit)
  *               so any read can be checked whatever wrote it (default 1)
  *   check=0|1   verify every read (default 1)
@@ -352,6 +353,7 @@ static void phase(const char *name, bool write, bool random, u64 count)
     u64 e0 = errors, m0 = mismatches;
     if (nreq == 0)
         return;
+    rng_state = 0x2545f4914f6cdd1dull;  /* randread visits the blocks randwrite wrote */
     u64 t0 = rdtsc();
     for (u32 i = 0; i < qd && issued < count; i++, issued++) {
         u64 r = random ? next_rand() % nreq : next++ % nreq;

@@ -27,6 +27,7 @@ from .memory import GuestMemory, RamOptions
 from .vcpu import Vcpu, VcpuControl, install_kick_handler
 
 MAX_VCPUS = 64
+ATTACH_BLOCK = 1                    # wire.portal_ops.AttachKind.BLOCK
 BENCH_MMIO_SINK = 0xD020_0000
 BENCH_IOEVENT_ADDR = 0xD020_1000
 
@@ -50,6 +51,7 @@ class MachineConfig:
     restore: object | None = None    # a vmstate.Restore: build() restores it, ignores `image`
     # fds the host attached for devices, (AttachKind, index) -> fd; the machine owns them
     attached: dict = field(default_factory=dict)
+    disk_report: Callable[[str], None] = lambda message: None   # tampering/storage errors
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Machine:
         self.stop_reason = ""
         self._stopped = threading.Event()
         self._extra_fds: list[int] = []
+        self.blk = None
 
     # ---- build --------------------------------------------------------
     def build(self) -> None:
@@ -131,6 +134,10 @@ class Machine:
         self.mmio.add(IDLE_DOORBELL_GPA, db.SIZE, db.read, db.write, "idle-doorbell")
         if self.config.rng:
             self._add_virtio(VirtioRng(entropy=self.config.entropy), "virtio-rng")
+        if (ATTACH_BLOCK, 0) in self.config.attached:
+            from .devices.virtio.blk import VirtioBlk   # loads only with a disk
+            self.blk = VirtioBlk(report=self.config.disk_report, serial=b"sealvm-disk0")
+            self._add_virtio(self.blk, "virtio-blk")
         if self.config.bench_sinks:
             self.mmio.add(BENCH_MMIO_SINK, 0x1000, lambda o, n: 0, lambda o, v, n: None, "bench-sink")
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -150,6 +157,14 @@ class Machine:
             self.vm.ioeventfd(w.fd, gpa + 0x50, 4, datamatch=q)
             slot.workers.append(w)
         self.virtio.append(slot)
+
+    def open_disk(self, key: bytes, min_generation: int = 0) -> str:
+        """Check the attached disk with its key (before the guest runs); DiskError if bad."""
+        from .diskseal import FileIO, SealedDisk
+        disk = SealedDisk(FileIO(self.config.attached[(ATTACH_BLOCK, 0)]), key,
+                          min_generation=min_generation)
+        self.blk.open(disk)
+        return f"disk: {disk.blocks * 4} KiB sealed, generation {disk.generation}"
 
     def capture_state(self) -> dict:
         """vmstate.capture_vm: the state of this paused machine (refused while running)."""

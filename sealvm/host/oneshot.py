@@ -204,6 +204,12 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
             link.load_image(image)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
+            if getattr(args, "disk", None):
+                from .backends.blockfile import DiskFileError, attach_disk
+                try:
+                    attach_disk(link, args.disk)
+                except DiskFileError as e:
+                    return _fail(str(e))
             link.configure(memory_mib, args.vcpus, args.entry,
                            flags, args.cmdline)
             link.start()

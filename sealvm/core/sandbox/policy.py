@@ -51,6 +51,9 @@ CORE_ALLOWED_SYSCALLS: dict[str, int] = {
     "dup": 32, "dup2": 33, "dup3": 292,     # duplicating an fd already held
     "fcntl": 72,                            # F_GETFL/F_SETFL/F_GETFD on existing fds
     "lseek": 8, "fstat": 5,                 # file objects on already-open fds
+    # The sealed disk: the core reads and writes the disk file the host attached (an fd
+    # it already holds, no path) and makes a FLUSH durable before acknowledging it.
+    "pread64": 17, "pwrite64": 18, "fdatasync": 75,
     # glibc's fstat (AT_EMPTY_PATH); with a path it only reads metadata, and os.stat is
     # what linecache uses before printing a traceback.
     "newfstatat": 262,
