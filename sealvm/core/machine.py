@@ -161,8 +161,9 @@ class Machine:
     def open_disk(self, key: bytes, min_generation: int = 0) -> str:
         """Check the attached disk with its key (before the guest runs); DiskError if bad."""
         from .diskseal import FileIO, SealedDisk
+        from .sandbox.switches import disabled
         disk = SealedDisk(FileIO(self.config.attached[(ATTACH_BLOCK, 0)]), key,
-                          min_generation=min_generation)
+                          min_generation=min_generation, verify=not disabled("disk_integrity"))
         self.blk.open(disk)
         return f"disk: {disk.blocks * 4} KiB sealed, generation {disk.generation}"
 

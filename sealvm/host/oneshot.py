@@ -190,6 +190,18 @@ def core_exit_reason(handle) -> str:
     return f"the core exited with status {rc}"
 
 
+def _report_disk(link) -> None:
+    """The core's disk counters (QUERY), on stderr."""
+    from .corelink import CoreRefused
+    try:
+        q = link.query()
+    except (CoreRefused, RuntimeError, OSError):
+        return
+    print(f"sealvm: disk: {q['disk_requests']} requests, {q['disk_tampered']} tampering "
+          f"detected, {q['disk_io_errors']} host I/O errors, generation {q['disk_generation']}",
+          file=sys.stderr)
+
+
 def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags: int, args,
            console_fd: int) -> int:
     from .corelink import CoreLink, CoreRefused
@@ -224,6 +236,8 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
             print("\nsealvm: stopped (Ctrl-C)", file=sys.stderr)
             return EXIT_INTERRUPTED
         status, reason = link.stopped
+        if getattr(args, "disk", None):
+            _report_disk(link)
         if status < 0:
             print(f"sealvm: VM stopped: {reason}", file=sys.stderr)
             return EXIT_VM_CRASHED

@@ -35,6 +35,7 @@ DEFENCES: tuple[str, ...] = (
     "mlock",          # lock_memory / lock_all_memory
     "dont_dump",      # madvise(MADV_DONTDUMP)
     "seccomp",        # install_core_filter
+    "disk_integrity", # sealed disk reads checked against tag, position, version, tree
 )
 ENV_DISABLE = "SEALVM_INSECURE_TEST_DISABLE"
 ENV_TEST_MODE = "SEALVM_TEST_MODE"
