@@ -4,7 +4,8 @@
  * by a virtio_mmio.device= word (or QEMU microvm's windows, as rng.c does).
  *
  *   tests=LIST  comma-separated phases, run in order (default seqwrite,seqread):
- *               seqwrite seqread randwrite randread
+ *               seqwrite seqread randwrite randread, and sleep (sleep_ms=, default
+ *               2000: the device stays open while the guest idles)
  *   bs=B        bytes per request, a multiple of 4096 (default 4096, at most 1M)
  *   qd=N        requests in flight (default 1, at most 64)
  *   size=B      bytes of the disk used, from offset 0 (default: the whole disk,
@@ -447,6 +448,13 @@ int main(void)
             phase("randwrite", true, true, count);
         else if (word_is(w, n, "randread"))
             phase("randread", false, true, count);
+        else if (word_is(w, n, "sleep")) {
+            u64 ms = param_u64("sleep_ms", 2000);
+            printf("blkbench sleeping ms=%llu\n", ms);
+            u64 end = rdtsc() + cycles_from_usecs(ms * 1000);
+            while (rdtsc() < end)
+                idle_wait(10000);
+        }
         else {
             printf("blkbench error: unknown test in '%s'\n", tests);
             return 2;
