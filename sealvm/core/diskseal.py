@@ -180,7 +180,6 @@ class SealedDisk:
         self._aead = AESGCM(self._aead_key)
         self.nonce_log = nonce_log          # tests: every nonce used, in order
         self.tampered = 0
-        self.last_tamper = ""
         sb = io.pread(_SB.size + 32, 0)
         if len(sb) < _SB.size + 32:
             raise DiskTamper(-1, "missing", "file shorter than its superblock")
@@ -252,10 +251,8 @@ class SealedDisk:
                 raise InvalidTag
             return self._aead.decrypt(nonce, raw[SLOT_HEADER:] + tag, self._aad(block, version))
         except InvalidTag:
-            err = DiskTamper(block, *self._classify(block, version, raw))
             self.tampered += 1
-            self.last_tamper = str(err)
-            raise err from None
+            raise DiskTamper(block, *self._classify(block, version, raw)) from None
 
     def _classify(self, block: int, version: int, raw: bytes) -> tuple[str, str]:
         """Best-effort name of what the host did (the slot header is not trusted)."""
@@ -313,10 +310,3 @@ class SealedDisk:
         for b in self.pending:
             self.committed_slot[b] = self.table[b * ENTRY + 36]
         self.pending.clear()
-
-    def check_size(self) -> str | None:
-        """A tampering kind if the host truncated or extended the file since open."""
-        size = self.io.size()
-        if size == self.layout.size:
-            return None
-        return "truncated" if size < self.layout.size else "extended"
