@@ -17,6 +17,7 @@ import time
 from ..launcher.protocol import (FLAG_ATTEST, FLAG_INSECURE_SAME_UID, OP_SPAWN, REPLY_SIZE, STATUS_OK,
                                  decode_reply, encode_request, recv_with_fd)
 from ..wire.portal_ops import CONFIG_FLAG_RNG
+from .backends.blockfile import DiskFileError
 from .corelink import CoreLink, CoreRefused, read_image
 from .records import RecordStore, VmRecord, new_vm_id
 
@@ -89,7 +90,7 @@ class VmManager:
 
     # ---- lifecycle -------------------------------------------------------
     def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
-               manifest: bytes | None = None) -> VmRecord:
+               manifest: bytes | None = None, disk: str | None = None) -> VmRecord:
         vm_id = new_vm_id(name)
         if entry not in ("pvh", "long"):
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
@@ -97,7 +98,8 @@ class VmManager:
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
-            rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng)
+            rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng,
+                           disk=os.path.abspath(disk) if disk else "")
             self.records[vm_id] = rec
         try:
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib,
@@ -107,8 +109,11 @@ class VmManager:
             link.load_image(data)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
+            if disk:
+                from .backends.blockfile import attach_disk
+                attach_disk(link, rec.disk)
             link.configure(memory_mib, vcpus, entry, CONFIG_FLAG_RNG if rng else 0, cmdline)
-        except (CoreRefused, OSError) as e:
+        except (CoreRefused, OSError, DiskFileError) as e:
             rec.state, rec.stop_reason = "failed", str(e)
             self.store.save(rec)
             self._release(vm_id)
