@@ -167,6 +167,13 @@ class Machine:
         self.blk.open(disk)
         return f"disk: {disk.blocks * 4} KiB sealed, generation {disk.generation}"
 
+    def _commit_disk(self) -> None:
+        """A clean stop commits writes the guest did not flush (a crash would lose them)."""
+        try:
+            self.blk.disk.flush()
+        except (OSError, ValueError) as e:
+            self.config.disk_report(f"disk: final commit failed: {e}")
+
     def capture_state(self) -> dict:
         """vmstate.capture_vm: the state of this paused machine (refused while running)."""
         from .vmstate import capture_vm
@@ -240,6 +247,8 @@ class Machine:
         for slot in self.virtio:
             for w in slot.workers:
                 w.stop()
+        if self.blk is not None and self.blk.disk is not None:
+            self._commit_disk()
         for fd in self._extra_fds + list(self.config.attached.values()):
             os.close(fd)
         self.config.attached.clear()

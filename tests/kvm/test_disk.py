@@ -63,6 +63,13 @@ def test_data_survives_the_vm_and_matches_the_owner_export(disk, tmp_path):
     assert r.returncode == 0 and result(r.stdout.decode(), "seqread")["mismatches"] == "0"
 
 
+def test_a_clean_stop_commits_unflushed_writes(disk):
+    r = disk.run("tests=seqwrite flush=0 qd=8 count=32 seed=9")
+    assert r.returncode == 0, r.stderr.decode()
+    r = disk.run("tests=seqread qd=8 count=32 seed=9")
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
 def core_pid(run_pid: int, timeout: float = 20) -> int:
     """The core process `sealvm run` started (its child running sealvm.core)."""
     deadline = time.monotonic() + timeout
