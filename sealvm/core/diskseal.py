@@ -188,7 +188,7 @@ class SealedDisk:
             raise DiskError("not a sealed disk (bad superblock magic or format)")
         if not hmac.compare_digest(sb[_SB.size:], hmac.new(self._mac_key, b"SB" + sb[:_SB.size],
                                                             sha256).digest()):
-            raise DiskTamper(-1, "altered", "superblock MAC does not verify (wrong key?)")
+            raise DiskTamper(-1, "altered", "superblock MAC does not verify: wrong key, or altered")
         self.layout = lay = Layout(blocks)
         self.disk_id = disk_id
         self.blocks = blocks

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
                        help="a raw 32-byte key file (0600) instead of --owner/--vm (tests)")
 
     c = acts.add_parser("create", help="a new, all-zero sealed disk of SIZE bytes")
-    c.add_argument("size", metavar="SIZE", help="size with K/M/G suffix, a multiple of 4K")
+    c.add_argument("size", metavar="SIZE", help="size with a K/M/G suffix (a bare number is MiB), a multiple of 4K")
     c.add_argument("-o", "--output", required=True, metavar="FILE")
     key_args(c)
     i = acts.add_parser("import", help="seal a raw disk image")
@@ -103,8 +103,12 @@ def _remember(args, generation: int) -> None:
 
 
 def _parse_size(text: str) -> int:
+    import argparse
     from ..cli import parse_size
-    return parse_size(text)
+    try:
+        return parse_size(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e).replace("memory size", "disk size")) from None
 
 
 def _new_file(path: str) -> int:
@@ -183,7 +187,11 @@ def run(args) -> int:
     except DiskError as e:
         print(f"sealvm disk: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sealvm disk: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"sealvm disk: {e}", file=sys.stderr)
         return 2
     except Exception as e:   # OwnerError and friends: say what, not a traceback
