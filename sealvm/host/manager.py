@@ -17,7 +17,8 @@ import time
 from ..launcher.protocol import (FLAG_ATTEST, FLAG_INSECURE_SAME_UID, OP_SPAWN, REPLY_SIZE, STATUS_OK,
                                  decode_reply, encode_request, recv_with_fd)
 from ..wire.portal_ops import CONFIG_FLAG_RNG
-from .backends.blockfile import DiskFileError
+from .backends.blockfile import open_disk_file
+from ..wire.portal_ops import AttachKind
 from .corelink import CoreLink, CoreRefused, read_image
 from .records import RecordStore, VmRecord, new_vm_id
 
@@ -95,6 +96,16 @@ class VmManager:
         if entry not in ("pvh", "long"):
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
         data = read_image(image)
+        disk_fd = open_disk_file(disk) if disk else None    # before any core exists
+        try:
+            return self._create(vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng,
+                                manifest, disk, disk_fd)
+        finally:
+            if disk_fd is not None:
+                os.close(disk_fd)
+
+    def _create(self, vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng, manifest,
+                disk, disk_fd) -> VmRecord:
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
@@ -109,14 +120,13 @@ class VmManager:
             link.load_image(data)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
-            if disk:
-                from .backends.blockfile import attach_disk
-                attach_disk(link, rec.disk)
+            if disk_fd is not None:
+                link.attach(AttachKind.BLOCK, 0, disk_fd)
             link.configure(memory_mib, vcpus, entry, CONFIG_FLAG_RNG if rng else 0, cmdline)
-        except (CoreRefused, OSError, DiskFileError) as e:
+        except (CoreRefused, OSError) as e:
             rec.state, rec.stop_reason = "failed", str(e)
             self.store.save(rec)
-            self._release(vm_id)
+            self._finish(vm_id)     # the core would otherwise wait for a host forever
             raise CoreRefused(str(e)) from None
         self._set_state(rec, "configured")
         return rec

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import guest_image
 from tests.diskrun import Disk
-from tests.e2e.conftest import HOST_UID
+from tests.e2e.conftest import HOST_UID, processes_of_uids
 
 
 def wait_stopped(hostd, name, timeout=60):
@@ -54,3 +54,14 @@ def test_vm_create_with_a_disk(disk, hostd):
     assert b"errors=0 mismatches=0" in hostd.cli("console", "r").stdout
     r = hostd.cli("create", blk, "--name", "bad", "--disk", "/nonexistent.img")
     assert r.returncode != 0 and b"cannot open the disk" in r.stderr
+    # a disk the core refuses (wrong key): the VM fails to start, and its core goes away
+    (disk.dir / "other").mkdir(mode=0o755)
+    other = Disk(disk.dir / "other")
+    os.chown(other.path, HOST_UID, HOST_UID)
+    r = hostd.cli("create", blk, "--name", "wrong", "--disk", str(other.path), "--start")
+    assert r.returncode != 0 and b"disk refused" in r.stderr
+    assert hostd.cli("delete", "wrong").returncode == 0
+    deadline = time.monotonic() + 15
+    while processes_of_uids(64200, 64209) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_of_uids(64200, 64209), "a core outlived its VM"

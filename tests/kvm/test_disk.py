@@ -6,10 +6,12 @@
   `sealvm disk verify` / `export` agree with the guest's pattern;
 * the core is SIGKILLed at random moments while the guest writes and flushes: the disk
   always opens again without a tampering alarm, each block holds the old or the new
-  generation's data, and all of it the new one once the guest saw its FLUSH complete.
+  generation's data, and all of it the new one once the guest saw its FLUSH complete;
+  no nonce found in any slot of the file across all the rounds seals two different slots.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -17,7 +19,7 @@ import time
 
 import pytest
 
-from sealvm.core.diskseal import BLOCK
+from sealvm.core.diskseal import BLOCK, SLOT
 from tests.conftest import needs_kvm, sealvm
 from tests.diskrun import Disk, pattern, result
 
@@ -95,6 +97,7 @@ def test_sigkill_of_the_core_never_loses_a_flushed_write(disk):
     assert r.returncode == 0, r.stderr.decode()
     rng = random.Random(6)
     acked_seed, kills = 1, 0
+    nonces: dict[bytes, bytes] = {}     # nonce -> the one sealed slot it was used for
     for seed in range(2, 12):
         p = disk.popen(f"tests={','.join(['seqwrite'] * 40)} qd={rng.choice([1, 8, 32])} "
                        f"count={blocks} seed={seed}")
@@ -110,6 +113,13 @@ def test_sigkill_of_the_core_never_loses_a_flushed_write(disk):
         d = disk.open()                             # no tampering alarm, ever
         try:
             got = [d.read_block(u) for u in range(blocks)]
+            for u in range(blocks):                 # every sealed slot still in the file
+                for k in (0, 1):
+                    slot = d.io.pread(SLOT, d.layout.slot(u, k))
+                    if any(slot):
+                        nonce = slot[16:28]
+                        digest = hashlib.sha256(slot).digest()
+                        assert nonces.setdefault(nonce, digest) == digest, "nonce reused"
         finally:
             os.close(d.io.fd)
         for u, data in enumerate(got):

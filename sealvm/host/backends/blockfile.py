@@ -19,7 +19,7 @@ import stat
 DISK_MAGIC = b"SEALDSK1"
 
 
-class DiskFileError(Exception):
+class DiskFileError(ValueError):
     """The disk file cannot be used (the message names the path and why)."""
 
 
