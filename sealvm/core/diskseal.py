@@ -265,7 +265,8 @@ class SealedDisk:
             return "stale", f"slot holds version {v}, expected {version}"
         return "altered", "authentication tag does not verify"
 
-    def write_block(self, block: int, data: bytes) -> None:
+    def write_block(self, block: int, data) -> None:
+        """Seal 4096 bytes (any buffer) as the block's next version in its uncommitted slot."""
         if not 0 <= block < self.blocks or len(data) != BLOCK:
             raise ValueError(f"bad block write {block} len {len(data)}")
         if self.writes >= MAX_WRITES:
@@ -275,10 +276,12 @@ class SealedDisk:
         nonce = os.urandom(12)
         if self.nonce_log is not None:
             self.nonce_log.append(nonce)
-        sealed = self._aead.encrypt(nonce, data, self._aad(block, version))
-        tag = sealed[-16:]
-        self.io.pwrite(_SLOTHDR.pack(block, version, nonce, tag).ljust(SLOT_HEADER, b"\0")
-                       + sealed[:-16], self.layout.slot(block, slot))
+        buf = bytearray(SLOT + 16)           # clear header, ciphertext, tag: one buffer
+        self._aead.encrypt_into(nonce, data, self._aad(block, version),
+                                memoryview(buf)[SLOT_HEADER:])
+        tag = bytes(buf[SLOT:])
+        _SLOTHDR.pack_into(buf, 0, block, version, nonce, tag)
+        self.io.pwrite(memoryview(buf)[:SLOT], self.layout.slot(block, slot))
         _ENTRY.pack_into(self.table, block * ENTRY, version, nonce, tag, slot)
         self.writes += 1
         self.pending.add(block)

@@ -142,3 +142,31 @@ def test_tampered_block_gives_ioerr_report_and_counter_and_device_goes_on(env):
     _, st = post(drv, 0, T_IN, 8 * 5, 4096)
     run(drv)
     assert drv.mem.read(st, 1)[0] == S_IOERR and "swapped" in reports[-1]
+
+
+def test_data_split_over_several_descriptors(env):
+    _, _, drv, _ = env
+    data = bytes(range(256)) * 32                     # 8 KiB in 3 pieces, header shares one
+    hdr = drv.alloc(16 + 1000)
+    drv.mem.write(hdr, struct.pack("<IIQ", T_OUT, 0, 16) + data[:1000])
+    a, b = drv.alloc(3000), drv.alloc(8192 - 4000)
+    drv.mem.write(a, data[1000:4000])
+    drv.mem.write(b, data[4000:])
+    st = drv.alloc(1)
+    drv.set_desc(0, hdr, 1016, NEXT, 1)
+    drv.set_desc(1, a, 3000, NEXT, 2)
+    drv.set_desc(2, b, 8192 - 4000, NEXT, 3)
+    drv.set_desc(3, st, 1, WRITE)
+    drv.publish(0)
+    run(drv)
+    assert drv.mem.read(st, 1)[0] == S_OK
+    hdr2 = drv.alloc(16)
+    drv.mem.write(hdr2, struct.pack("<IIQ", T_IN, 0, 16))
+    x, y = drv.alloc(5000), drv.alloc(8192 - 5000 + 1)      # the status shares the last one
+    drv.set_desc(4, hdr2, 16, NEXT, 5)
+    drv.set_desc(5, x, 5000, NEXT | WRITE, 6)
+    drv.set_desc(6, y, 8192 - 5000 + 1, WRITE)
+    drv.publish(4)
+    run(drv)
+    assert drv.mem.read(x, 5000) + drv.mem.read(y, 8192 - 5000) == data
+    assert drv.mem.read(y + 8192 - 5000, 1)[0] == S_OK

@@ -77,22 +77,26 @@ class VirtioBlk(VirtioDevice):
             return 0
         status_at = writable[-1].gpa + writable[-1].length - 1
         space = sum(s.length for s in writable) - 1
-        head = b"".join(mem.read(s.gpa, s.length) for s in readable) if readable else b""
-        if len(head) < _HDR.size or self.disk is None:
+        rlen = sum(s.length for s in readable)
+        if rlen < _HDR.size or self.disk is None:
             self.log_guest_error(f"request at head {chain.head} has no 16-byte header")
             mem.write(status_at, bytes([S_IOERR]))
             return 1
-        rtype, _, sector = _HDR.unpack_from(head)
+        rtype, _, sector = _HDR.unpack(_region(mem, readable, 0, _HDR.size))
         written, status = 0, S_OK
         try:
             if rtype == T_IN:
-                data = self._read(sector, space, chain.head)
-                if data is None:
+                r = self._range(sector, space, chain.head)
+                if r is None:
                     status = S_IOERR
                 else:
-                    written = _scatter(mem, writable, data)
+                    written = self._read(*r, mem, writable)
             elif rtype == T_OUT:
-                status = self._write(sector, memoryview(head)[_HDR.size:], chain.head)
+                r = self._range(sector, rlen - _HDR.size, chain.head)
+                if r is None:
+                    status = S_IOERR
+                else:
+                    self._write(*r, _region(mem, readable, _HDR.size, rlen - _HDR.size))
             elif rtype == T_FLUSH:
                 self.disk.flush()
             elif rtype == T_GET_ID:
@@ -111,6 +115,7 @@ class VirtioBlk(VirtioDevice):
         return written + 1
 
     def _range(self, sector: int, length: int, head: int) -> tuple[int, int] | None:
+        """(byte offset, length) of a request that is whole sectors inside the disk."""
         off = sector * SECTOR
         if length % SECTOR or length > MAX_REQUEST or off + length > self.disk.blocks * BLOCK:
             self.log_guest_error(f"request at head {head}: {length} bytes at sector {sector} "
@@ -118,34 +123,45 @@ class VirtioBlk(VirtioDevice):
             return None
         return off, length
 
-    def _read(self, sector: int, length: int, head: int) -> bytes | None:
-        r = self._range(sector, length, head)
-        if r is None:
-            return None
-        off, n = r
+    def _read(self, off: int, n: int, mem, writable) -> int:
+        """Blocks covering [off, off+n) into the writable segments; returns n."""
         first, last = off // BLOCK, (off + n + BLOCK - 1) // BLOCK
+        dest = _region(mem, writable, 0, n, view_only=True)
+        if dest is not None and off % BLOCK == 0 and n % BLOCK == 0:
+            for i, b in enumerate(range(first, last)):    # straight into guest RAM
+                dest[i * BLOCK:(i + 1) * BLOCK] = self.disk.read_block(b)
+            return n
         buf = b"".join(self.disk.read_block(b) for b in range(first, last))
         skip = off - first * BLOCK
-        return buf[skip:skip + n]
+        return _scatter(mem, writable, buf[skip:skip + n])
 
-    def _write(self, sector: int, data: memoryview, head: int) -> int:
-        r = self._range(sector, len(data), head)
-        if r is None:
-            return S_IOERR
-        off, n = r
+    def _write(self, off: int, n: int, data) -> None:
         pos = 0
         while pos < n:
             b, within = divmod(off + pos, BLOCK)
             take = min(BLOCK - within, n - pos)
             if take == BLOCK:
-                block = bytes(data[pos:pos + BLOCK])
+                block = data[pos:pos + BLOCK]
             else:                        # part of a block: read, patch, re-seal
                 block = bytearray(self.disk.read_block(b))
                 block[within:within + take] = data[pos:pos + take]
-                block = bytes(block)
             self.disk.write_block(b, block)
             pos += take
-        return S_OK
+
+
+def _region(mem, segments, skip: int, n: int, *, view_only: bool = False):
+    """Bytes [skip, skip+n) of the segments joined: a view of guest RAM when they lie in
+    one segment (no copy), else a copy (or None with `view_only`)."""
+    at = skip
+    for s in segments:
+        if at < s.length:
+            if at + n <= s.length:
+                return mem.view(s.gpa + at, n)
+            break
+        at -= s.length
+    if view_only:
+        return None
+    return b"".join(mem.read(s.gpa, s.length) for s in segments)[skip:skip + n]
 
 
 def _scatter(mem, segments, data: bytes) -> int:
