@@ -52,6 +52,12 @@ def parse_phases(out: str) -> dict[str, dict]:
     return got
 
 
+def _must(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, cwd=C.SEALVM_ROOT, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{C.shell_join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+
+
 class Images:
     """One disk image per peer, made once per benchmark run."""
 
@@ -62,17 +68,15 @@ class Images:
         key_file.write_bytes(self.key)
         os.chmod(key_file, 0o600)
         self.sealed = work / "sealed.img"
-        subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", f"{size_mib}M",
-                        "-o", str(self.sealed), "--key-file", str(key_file)], check=True,
-                       cwd=C.SEALVM_ROOT, capture_output=True)
+        _must([sys.executable, "-m", "sealvm.cli", "disk", "create", f"{size_mib}M",
+               "-o", str(self.sealed), "--key-file", str(key_file)])
         self.raw = work / "raw.img"
         with open(self.raw, "wb") as f:
             f.truncate(size_mib << 20)
         self.luks = work / "luks.qcow2"
-        subprocess.run(["qemu-img", "create", "-f", "qcow2", "--object",
-                        f"secret,id=sec0,data={LUKS_SECRET}", "-o",
-                        "encrypt.format=luks,encrypt.key-secret=sec0", str(self.luks),
-                        f"{size_mib}M"], check=True, capture_output=True)
+        _must(["qemu-img", "create", "-f", "qcow2", "--object",
+               f"secret,id=sec0,data={LUKS_SECRET}", "-o",
+               "encrypt.format=luks,encrypt.key-secret=sec0", str(self.luks), f"{size_mib}M"])
 
     def command(self, peer: str, elf: Path, cmdline: str) -> tuple[list[str], dict]:
         if peer == "sealvm":
