@@ -118,7 +118,8 @@ class Layout:
         self.size = self.data + 2 * blocks * SLOT
 
     def slot(self, block: int, which: int) -> int:
-        return self.data + (2 * block + which) * SLOT
+        """Slot `which` of `block`: each copy is one array, so neighbours are adjacent."""
+        return self.data + (which * self.blocks + block) * SLOT
 
 
 def _sb_body(blocks: int, disk_id: bytes) -> bytes:
@@ -238,21 +239,52 @@ class SealedDisk:
 
     def read_block(self, block: int) -> bytes:
         """The plaintext of `block`; raises DiskTamper (and counts it) if the host changed it."""
-        if not 0 <= block < self.blocks:
-            raise ValueError(f"block {block} outside the disk")
-        version, nonce, tag, slot = self.entry(block)
-        if version == 0:
-            return ZERO_BLOCK
-        raw = self.io.pread(SLOT, self.layout.slot(block, slot))
+        return self.read_blocks(block, 1)[0]
+
+    def read_blocks(self, first: int, count: int) -> list[bytes]:
+        """Plaintexts of `count` blocks from `first`: one pread per run of adjacent slots."""
+        end = first + count
+        if not 0 <= first <= end <= self.blocks:
+            raise ValueError(f"blocks {first}+{count} outside the disk")
+        out: list[bytes] = []
+        t, b = self.table, first
+        while b < end:
+            slot = t[b * ENTRY + 36]
+            if not any(t[b * ENTRY:b * ENTRY + 8]):       # version 0: never written
+                out.append(ZERO_BLOCK)
+                b += 1
+                continue
+            run = b + 1
+            while run < end and t[run * ENTRY + 36] == slot and any(t[run * ENTRY:run * ENTRY + 8]):
+                run += 1
+            got = self.io.pread((run - b) * SLOT, self.layout.slot(b, slot))
+            buf = bytearray((run - b) * SLOT + 16)    # + room for the last block's tag
+            buf[:len(got)] = got
+            for i in range(b, run):
+                out.append(self._open(i, buf, (i - b) * SLOT, len(got)))
+            b = run
+        return out
+
+    def _open(self, block: int, buf: bytearray, at: int, got: int) -> bytes:
+        """Check and decrypt the slot at buf[at:] (`got` bytes of buf came from the file)."""
+        version, nonce, tag, _ = self.entry(block)
+        end = at + SLOT
         if not self.verify:
-            return _decrypt_unchecked(self._aead_key, nonce, raw[SLOT_HEADER:].ljust(BLOCK, b"\0"))
+            return _decrypt_unchecked(self._aead_key, nonce, bytes(buf[at + SLOT_HEADER:end]))
+        # The tag goes right after the ciphertext, over the next slot's header for a moment.
+        saved = bytes(buf[end:end + 16])
+        buf[end:end + 16] = tag
         try:
-            if len(raw) != SLOT:
+            if got < end:
                 raise InvalidTag
-            return self._aead.decrypt(nonce, raw[SLOT_HEADER:] + tag, self._aad(block, version))
+            return self._aead.decrypt(nonce, memoryview(buf)[at + SLOT_HEADER:end + 16],
+                                      self._aad(block, version))
         except InvalidTag:
             self.tampered += 1
+            raw = bytes(buf[at:min(end, got)])
             raise DiskTamper(block, *self._classify(block, version, raw)) from None
+        finally:
+            buf[end:end + 16] = saved
 
     def _classify(self, block: int, version: int, raw: bytes) -> tuple[str, str]:
         """Best-effort name of what the host did (the slot header is not trusted)."""
@@ -266,29 +298,45 @@ class SealedDisk:
         return "altered", "authentication tag does not verify"
 
     def write_block(self, block: int, data) -> None:
-        """Seal 4096 bytes (any buffer) as the block's next version in its uncommitted slot."""
-        if not 0 <= block < self.blocks or len(data) != BLOCK:
-            raise ValueError(f"bad block write {block} len {len(data)}")
-        if self.writes >= MAX_WRITES:
+        self.write_blocks(block, data)
+
+    def write_blocks(self, first: int, data) -> None:
+        """Seal len(data) // 4096 blocks from `first` (any buffer), each as its next version in
+        its uncommitted slot; one pwrite per run of adjacent slots."""
+        n, rest = divmod(len(data), BLOCK)
+        if rest or not n or not 0 <= first <= first + n <= self.blocks:
+            raise ValueError(f"bad block write {first} len {len(data)}")
+        if self.writes + n > MAX_WRITES:
             raise DiskError("this disk key has sealed 2**32 blocks; re-key it (export/import)")
-        version = self.entry(block)[0] + 1
-        slot = 1 - self.committed_slot[block]
-        nonce = os.urandom(12)
-        if self.nonce_log is not None:
-            self.nonce_log.append(nonce)
-        buf = bytearray(SLOT + 16)           # clear header, ciphertext, tag: one buffer
-        self._aead.encrypt_into(nonce, data, self._aad(block, version),
-                                memoryview(buf)[SLOT_HEADER:])
-        tag = bytes(buf[SLOT:])
-        _SLOTHDR.pack_into(buf, 0, block, version, nonce, tag)
-        self.io.pwrite(memoryview(buf)[:SLOT], self.layout.slot(block, slot))
-        _ENTRY.pack_into(self.table, block * ENTRY, version, nonce, tag, slot)
-        self.writes += 1
-        self.pending.add(block)
-        page = block // ENTRIES_PER_PAGE
-        self.dirty_pages.add(page)
-        self.behind[0].add(page)
-        self.behind[1].add(page)
+        buf = bytearray(n * SLOT + 16)       # clear header + ciphertext per slot, back to back
+        mv, src = memoryview(buf), memoryview(data)
+        sealed = []
+        for i in range(n):
+            b, at = first + i, i * SLOT
+            version, slot, nonce = self.entry(b)[0] + 1, 1 - self.committed_slot[b], os.urandom(12)
+            if self.nonce_log is not None:
+                self.nonce_log.append(nonce)
+            self._aead.encrypt_into(nonce, src[i * BLOCK:(i + 1) * BLOCK], self._aad(b, version),
+                                    mv[at + SLOT_HEADER:at + SLOT + 16])
+            tag = bytes(buf[at + SLOT:at + SLOT + 16])   # next slot's header overwrites it
+            _SLOTHDR.pack_into(buf, at, b, version, nonce, tag)
+            sealed.append((version, nonce, tag, slot))
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and sealed[j][3] == sealed[i][3]:
+                j += 1
+            self.io.pwrite(mv[i * SLOT:j * SLOT], self.layout.slot(first + i, sealed[i][3]))
+            i = j
+        for i, entry in enumerate(sealed):     # the table names them only once written
+            b = first + i
+            _ENTRY.pack_into(self.table, b * ENTRY, *entry)
+            self.pending.add(b)
+            page = b // ENTRIES_PER_PAGE
+            self.dirty_pages.add(page)
+            self.behind[0].add(page)
+            self.behind[1].add(page)
+        self.writes += n
 
     # ---- commit --------------------------------------------------------------
     def flush(self) -> None:

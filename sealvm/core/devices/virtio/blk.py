@@ -127,15 +127,20 @@ class VirtioBlk(VirtioDevice):
         """Blocks covering [off, off+n) into the writable segments; returns n."""
         first, last = off // BLOCK, (off + n + BLOCK - 1) // BLOCK
         dest = _region(mem, writable, 0, n, view_only=True)
+        blocks = self.disk.read_blocks(first, last - first)
         if dest is not None and off % BLOCK == 0 and n % BLOCK == 0:
-            for i, b in enumerate(range(first, last)):    # straight into guest RAM
-                dest[i * BLOCK:(i + 1) * BLOCK] = self.disk.read_block(b)
+            for i, data in enumerate(blocks):             # straight into guest RAM
+                dest[i * BLOCK:(i + 1) * BLOCK] = data
             return n
-        buf = b"".join(self.disk.read_block(b) for b in range(first, last))
+        buf = b"".join(blocks)
         skip = off - first * BLOCK
         return _scatter(mem, writable, buf[skip:skip + n])
 
     def _write(self, off: int, n: int, data) -> None:
+        if off % BLOCK == 0 and n % BLOCK == 0:
+            if n:
+                self.disk.write_blocks(off // BLOCK, data)
+            return
         pos = 0
         while pos < n:
             b, within = divmod(off + pos, BLOCK)
