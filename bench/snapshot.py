@@ -49,18 +49,18 @@ class Owner:
     """An owner directory with memtouch signed for each size, a policy trusting this host,
     a broker, and the public half copied where the daemon's uid can read it."""
 
-    def __init__(self, base: Path, elf: Path):
+    def __init__(self, base: Path, elf: Path, vms: dict[str, tuple[str, int]]):
+        """`vms`: name -> (command line, memory MiB) of the memtouch guests to sign."""
         self.dir, self.public = base / "owner", base / "public"
-        for args in (("owner", "init", str(self.dir)),):
-            r = cli(*args)
+        r = cli("owner", "init", str(self.dir))
+        if r.returncode:
+            raise RuntimeError(r.stderr)
+        for name, (cmdline, size) in vms.items():
+            r = cli("owner", "sign", "--dir", str(self.dir), str(elf), "--name", name,
+                    "--cmdline", cmdline, "--memory", str(size))
             if r.returncode:
                 raise RuntimeError(r.stderr)
-        for size in SIZES_MIB:
-            r = cli("owner", "sign", "--dir", str(self.dir), str(elf), "--name", f"m{size}",
-                    "--cmdline", memtouch_cmdline(size), "--memory", str(size))
-            if r.returncode:
-                raise RuntimeError(r.stderr)
-            shutil.copytree(self.dir / "vms" / f"m{size}", self.public / "vms" / f"m{size}")
+            shutil.copytree(self.dir / "vms" / name, self.public / "vms" / name)
         m = json.loads(cli("measure").stdout)
         for kind, value in (("host", m["host_pub"]), ("core", m["core_measurement"])):
             cli("owner", "policy", "--dir", str(self.dir), "add", kind, value)
@@ -98,7 +98,7 @@ def wait_console(hd: Hostd, vm: str, text: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{vm}: no {text!r} on the console")
 
 
-def sealvm_round(hd: Hostd, owner: Owner, elf: Path, size: int, i: int, d: Path) -> dict:
+def sealvm_round(hd: Hostd, owner: "Owner", elf: Path, size: int, i: int, d: Path) -> dict:
     vm = f"s{size}-{i}"
     r = hd.http.post("/v1/vms", json=dict(
         image=str(elf), name=vm, memory_mib=size, cmdline=memtouch_cmdline(size), start=True,
@@ -219,7 +219,7 @@ def run(args) -> dict:
     d.mkdir()
     shutil.chown(d, 63999, 63999)        # the daemon's uid writes the snapshots here
     os.chmod(d, 0o777)
-    owner = Owner(base, elf)
+    owner = Owner(base, elf, {f"m{size}": (memtouch_cmdline(size), size) for size in sizes})
     (base / "host").mkdir()
     hd = Hostd(base / "host")
     samples: dict = {}
