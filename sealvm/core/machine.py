@@ -27,6 +27,7 @@ from .memory import GuestMemory, RamOptions
 from .vcpu import Vcpu, VcpuControl, install_kick_handler
 
 MAX_VCPUS = 64
+ATTACH_BLOCK = 1                    # wire.portal_ops.AttachKind.BLOCK
 BENCH_MMIO_SINK = 0xD020_0000
 BENCH_IOEVENT_ADDR = 0xD020_1000
 # Linux guests: KVM's VMX real-mode helpers sit just below the BIOS area at 4 GiB (as in QEMU).
@@ -56,6 +57,7 @@ class MachineConfig:
     ram_filled: object | None = None  # a GuestMemory received already (migration target)
     # fds the host attached for devices, (AttachKind, index) -> fd; the machine owns them
     attached: dict = field(default_factory=dict)
+    disk_report: Callable[[str], None] = lambda message: None   # tampering/storage errors
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Machine:
         self.stop_reason = ""
         self._stopped = threading.Event()
         self._extra_fds: list[int] = []
+        self.blk = None
 
     # ---- build --------------------------------------------------------
     def build(self) -> None:
@@ -178,6 +181,10 @@ class Machine:
         self.mmio.add(IDLE_DOORBELL_GPA, db.SIZE, db.read, db.write, "idle-doorbell")
         if self.config.rng:
             self._add_virtio(VirtioRng(entropy=self.config.entropy), "virtio-rng")
+        if (ATTACH_BLOCK, 0) in self.config.attached:
+            from .devices.virtio.blk import VirtioBlk   # loads only with a disk
+            self.blk = VirtioBlk(report=self.config.disk_report, serial=b"sealvm-disk0")
+            self._add_virtio(self.blk, "virtio-blk")
         if self.config.bench_sinks:
             self.mmio.add(BENCH_MMIO_SINK, 0x1000, lambda o, n: 0, lambda o, v, n: None, "bench-sink")
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -204,6 +211,22 @@ class Machine:
             self.vm.ioeventfd(w.fd, gpa + 0x50, 4, datamatch=q)
             slot.workers.append(w)
         self.virtio.append(slot)
+
+    def open_disk(self, key: bytes, min_generation: int = 0) -> str:
+        """Check the attached disk with its key (before the guest runs); DiskError if bad."""
+        from .diskseal import FileIO, SealedDisk
+        from .sandbox.switches import disabled
+        disk = SealedDisk(FileIO(self.config.attached[(ATTACH_BLOCK, 0)]), key,
+                          min_generation=min_generation, verify=not disabled("disk_integrity"))
+        self.blk.open(disk)
+        return f"disk: {disk.blocks * 4} KiB sealed, generation {disk.generation}"
+
+    def _commit_disk(self) -> None:
+        """A clean stop commits writes the guest did not flush (a crash would lose them)."""
+        try:
+            self.blk.disk.flush()
+        except (OSError, ValueError) as e:
+            self.config.disk_report(f"disk: final commit failed: {e}")
 
     def capture_state(self) -> dict:
         """vmstate.capture_vm: the state of this paused machine (refused while running)."""
@@ -279,6 +302,8 @@ class Machine:
         for slot in self.virtio:
             for w in slot.workers:
                 w.stop()
+        if self.blk is not None and self.blk.disk is not None:
+            self._commit_disk()
         for fd in self._extra_fds + list(self.config.attached.values()):
             os.close(fd)
         self.config.attached.clear()

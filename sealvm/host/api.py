@@ -31,6 +31,9 @@ class CreateVm(BaseModel):
     owner_pub: str | None = Field(default=None, description="the owner's owner.pub.json (default: "
                                   "two levels above `manifest`)")
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
+    disk: str | None = Field(default=None, description="a sealed disk image (`sealvm disk "
+                             "create`) the daemon opens and hands to the core as a virtio-blk "
+                             "device; the daemon never holds its key")
 
 
 class VmView(BaseModel):
@@ -41,6 +44,7 @@ class VmView(BaseModel):
     cmdline: str
     entry: str
     rng: bool
+    disk: str = ""
     state: str
     pid: int
     uid: int
@@ -116,7 +120,8 @@ def build_app(manager: VmManager) -> FastAPI:
                 from .oneshot import read_manifest_bundle
                 bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
             rec = manager.create(spec.name, spec.image, spec.memory_mib, spec.vcpus, spec.cmdline,
-                                 spec.entry, spec.rng, bundle, spec.broker if bundle else "")
+                                 spec.entry, spec.rng, bundle, spec.broker if bundle else "",
+                                 disk=spec.disk)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()

@@ -25,6 +25,8 @@ def add_parser(sub, parse_size) -> None:
     c.add_argument("--entry", choices=("pvh", "long"), default="pvh")
     c.add_argument("--no-rng", action="store_true")
     c.add_argument("--start", action="store_true", help="start it right away")
+    c.add_argument("--disk", metavar="FILE", help="a sealed disk image (sealvm disk create) to "
+                                                  "attach as a virtio-blk device")
     c.add_argument("--manifest", metavar="DIR", help="the owner's signed manifest directory")
     c.add_argument("--owner-pub", metavar="FILE", help="the owner's owner.pub.json")
     c.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
@@ -164,7 +166,8 @@ def run(args) -> int:
                         entry=args.entry, rng=not args.no_rng, start=args.start,
                         manifest=os.path.abspath(args.manifest) if args.manifest else None,
                         owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
-                        broker=args.broker)
+                        broker=args.broker,
+                        disk=os.path.abspath(args.disk) if args.disk else None)
             r = http.post("/v1/vms", json=body)
             _check(r)
             print(r.json()["id"])

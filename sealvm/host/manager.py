@@ -19,6 +19,8 @@ from ..launcher.protocol import (FLAG_ATTEST, FLAG_INSECURE_SAME_UID, OP_SPAWN, 
                                  decode_reply, encode_request, recv_with_fd)
 from ..wire import portal_ops as P
 from ..wire.portal_ops import CONFIG_FLAG_RNG
+from .backends.blockfile import open_disk_file
+from ..wire.portal_ops import AttachKind
 from .corelink import CoreLink, CoreRefused, read_image
 from .records import RecordStore, VmRecord, new_vm_id
 
@@ -111,16 +113,27 @@ class VmManager:
 
     # ---- lifecycle -------------------------------------------------------
     def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
-               manifest: bytes | None = None, broker: str = "") -> VmRecord:
+               manifest: bytes | None = None, broker: str = "",
+               disk: str | None = None) -> VmRecord:
         vm_id = new_vm_id(name)
         if entry not in ("pvh", "long"):
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
         data = read_image(image)
+        disk_fd = open_disk_file(disk) if disk else None    # before any core exists
+        try:
+            return self._create(vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng,
+                                manifest, broker, disk, disk_fd)
+        finally:
+            if disk_fd is not None:
+                os.close(disk_fd)
+
+    def _create(self, vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng, manifest,
+                broker, disk, disk_fd) -> VmRecord:
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
             rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng,
-                           broker=broker)
+                           broker=broker, disk=os.path.abspath(disk) if disk else "")
             self.records[vm_id] = rec
         try:
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib,
@@ -130,11 +143,13 @@ class VmManager:
             link.load_image(data)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
+            if disk_fd is not None:
+                link.attach(AttachKind.BLOCK, 0, disk_fd)
             link.configure(memory_mib, vcpus, entry, CONFIG_FLAG_RNG if rng else 0, cmdline)
         except (CoreRefused, OSError) as e:
             rec.state, rec.stop_reason = "failed", str(e)
             self.store.save(rec)
-            self._release(vm_id)
+            self._finish(vm_id)     # the core would otherwise wait for a host forever
             raise CoreRefused(str(e)) from None
         self._set_state(rec, "configured")
         return rec
