@@ -84,6 +84,8 @@ class RestoreSpec(BaseModel):
     owner_pub: str | None = None
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
     start: bool = Field(default=True, description="run the restored VM right away")
+    disk: str | None = Field(default=None, description="the VM's sealed disk image, when it "
+                             "had one (the daemon opens it; the core checks it)")
 
 
 def _errors(fn):
@@ -140,7 +142,7 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker)
+            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker, spec.disk)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()

@@ -76,6 +76,7 @@ def add_parser(sub, parse_size) -> None:
                     help="the owner's key broker (default %(default)s)")
     rs.add_argument("--name", help="VM id of the restored VM; generated if absent")
     rs.add_argument("--paused", action="store_true", help="restore without starting it")
+    rs.add_argument("--disk", metavar="FILE", help="the VM's sealed disk image, if it had one")
     con = vs.add_parser("console", help="print the VM's console (--follow to stream it)")
     con.add_argument("vm")
     con.add_argument("--follow", "-f", action="store_true")
@@ -199,7 +200,8 @@ def run(args) -> int:
             body = dict(snapshot=os.path.abspath(args.snapshot), name=name,
                         manifest=os.path.abspath(args.manifest),
                         owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
-                        broker=args.broker, start=not args.paused)
+                        broker=args.broker, start=not args.paused,
+                        disk=os.path.abspath(args.disk) if args.disk else None)
             r = _with_progress(http, name, "restoring", lambda: http.post("/v1/restore",
                                                                            json=body))
             _check(r)

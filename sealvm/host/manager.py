@@ -198,18 +198,27 @@ class VmManager:
         return {"snapshot": path, "generation": done["generation"], "bytes": sealed["bytes"],
                 **timing}
 
-    def restore(self, snapshot: str, name: str | None, manifest: bytes, broker: str) -> VmRecord:
-        """A new VM whose core attests as the restorer of `snapshot` and rebuilds it."""
+    def restore(self, snapshot: str, name: str | None, manifest: bytes, broker: str,
+                disk: str | None = None) -> VmRecord:
+        """A new VM whose core attests as the restorer of `snapshot` and rebuilds it (with
+        the VM's sealed disk, when it had one)."""
         import json
         m = json.loads(json.loads(manifest)["manifest"])
         vm_id = new_vm_id(name)
-        fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+        disk_fd = open_disk_file(disk) if disk else None
+        try:
+            fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            if disk_fd is not None:
+                os.close(disk_fd)
+            raise
         try:
             with self._lock:
                 if vm_id in self.records:
                     raise ValueError(f"a VM named {vm_id!r} exists already")
                 rec = VmRecord(vm_id, os.path.abspath(snapshot), m["memory_mib"], m["vcpus"],
-                               m["cmdline"], m["entry"], "rng" in m["devices"], broker=broker)
+                               m["cmdline"], m["entry"], "rng" in m["devices"], broker=broker,
+                               disk=os.path.abspath(disk) if disk else "")
                 self.records[vm_id] = rec
             try:
                 t0 = time.perf_counter()
@@ -218,6 +227,8 @@ class VmManager:
                 self.store.save(rec)
                 link = self._link(rec, sock)
                 link.load_image(manifest, kind=3)
+                if disk_fd is not None:
+                    link.attach(P.AttachKind.BLOCK, 0, disk_fd)
                 link.attach(P.AttachKind.SNAPSHOT, 0, fd)
                 self.progress[vm_id] = (0, 0)
                 t1 = time.perf_counter()
@@ -233,6 +244,8 @@ class VmManager:
                 raise CoreRefused(str(e)) from None
         finally:
             os.close(fd)
+            if disk_fd is not None:
+                os.close(disk_fd)
         self._set_state(rec, "configured")
         return rec
 
