@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     r = sub.add_parser(
         "run", help="boot one VM in the foreground and exit with the guest's status",
-        description="Boot GUEST (a PVH ELF kernel), or a Linux bzImage given with --kernel "
+        description="Boot GUEST (a PVH ELF kernel), or a Linux kernel (bzImage or PVH vmlinux) given "
+                    "with --kernel "
                     "(and --initrd), in a new KVM virtual machine, show its serial "
                     "console on stdout (and send stdin to its serial input), and exit with the status "
                     "the guest writes to its exit port 0xf4. Ctrl-C stops the VM cleanly. "
@@ -71,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(status 0); a reboot or a kernel panic (with panic=-1) ends it with 126.")
     r.add_argument("guest", metavar="GUEST", nargs="?",
                    help="PVH ELF image, e.g. guests/build/hello.elf (omit with --kernel)")
-    r.add_argument("--kernel", metavar="BZIMAGE",
-                   help="boot this Linux kernel (bzImage, e.g. /boot/vmlinuz-*) with the 64-bit "
-                        "boot protocol; the same as GUEST with --entry linux")
+    r.add_argument("--kernel", metavar="KERNEL",
+                   help="boot this Linux kernel: a bzImage (e.g. /boot/vmlinuz-*, 64-bit boot "
+                        "protocol) or an uncompressed vmlinux ELF with a PVH note (CONFIG_PVH=y, "
+                        "PVH entry), told apart by their headers; the same as GUEST with "
+                        "--entry linux")
     r.add_argument("--initrd", metavar="FILE", help="initramfs for --kernel")
     r.add_argument("--memory", "-m", type=parse_size, default=parse_size("256M"),
                    help="guest RAM, e.g. 256M or 1G (default 256M)")
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"kernel's default is '{LINUX_DEFAULT_CMDLINE}')")
     r.add_argument("--entry", choices=("pvh", "long", "linux"), default=None,
                    help="start at the PVH 32-bit entry (default), directly in 64-bit long mode, "
-                        "or boot GUEST as a Linux bzImage ('linux', the default with --kernel)")
+                        "or boot GUEST as a Linux kernel ('linux', the default with --kernel)")
     r.add_argument("--no-rng", action="store_true", help="do not attach the virtio-rng device")
     r.add_argument("--console-log", metavar="FILE",
                    help="write the guest console to FILE instead of stdout")

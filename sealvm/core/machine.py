@@ -46,7 +46,7 @@ class MachineConfig:
     memory: int = DEFAULT_MEMORY
     vcpus: int = 1
     cmdline: str = ""
-    entry: str = "pvh"               # "pvh", "long" (ELF images) or "linux" (a bzImage)
+    entry: str = "pvh"               # "pvh", "long" (ELF images) or "linux" (bzImage or vmlinux)
     initrd: bytes | None = None      # Linux only
     rng: bool = True
     bench_sinks: bool = False
@@ -105,8 +105,8 @@ class Machine:
         except OSError as e:
             raise MachineError(f"cannot open /dev/kvm: {e.strerror}") from None
         if self.linux:
-            from .boot.bzimage import parse_bzimage
-            parse_bzimage(cfg.image)           # a bad kernel is refused before anything is made
+            from .boot.vmlinux import check_kernel
+            check_kernel(cfg.image)            # a bad kernel is refused before anything is made
         self.vm = self.kvm.create_vm()
         if self.linux:
             self._linux_platform()
@@ -150,12 +150,12 @@ class Machine:
         self.serial = Serial16550(irq=lambda level: state.irq_line(self.vm, SERIAL_IRQ, level))
 
     def _load_linux(self) -> None:
-        from .boot.bzimage import load_linux
+        from .boot.vmlinux import load_kernel
         from .cpu_setup import linux_cpuid
         cfg = self.config
         devices = [(v.gpa, VIRTIO_MMIO_SIZE, v.irq) for v in self.virtio]   # announced by ACPI
-        plan = load_linux(cfg.image, cfg.initrd, self.memory, cfg.cmdline.strip(),
-                          vcpus=cfg.vcpus, virtio=devices)
+        plan = load_kernel(cfg.image, cfg.initrd, self.memory, cfg.cmdline.strip(),
+                           vcpus=cfg.vcpus, virtio=devices)
         from .kvm import state
         supported = self.kvm.supported_cpuid()
         deadline = state.check_extension(self.vm, KVM_CAP_TSC_DEADLINE_TIMER) > 0

@@ -121,7 +121,8 @@ def guest_images(args) -> tuple[bytes, bytes | None]:
     from ..cli import LINUX_DEFAULT_CMDLINE
     from .corelink import read_image
     if (args.guest is None) == (args.kernel is None):
-        raise ValueError("give either GUEST (an ELF image) or --kernel BZIMAGE")
+        raise ValueError("give either GUEST (an ELF image) or --kernel KERNEL (a Linux bzImage "
+                         "or vmlinux)")
     if args.kernel is not None:
         if args.entry not in (None, "linux"):
             raise ValueError(f"--kernel boots Linux; --entry {args.entry} is for ELF images")

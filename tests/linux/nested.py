@@ -19,12 +19,15 @@ import fcntl
 import gzip
 import hashlib
 import io
+import lzma
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +90,43 @@ def debian_kernel(package: str | None = None) -> Path:
         shutil.copy(f"{tmp}/x/boot/vmlinuz-{kv}", f"{out}.tmp")
         os.chmod(f"{out}.tmp", 0o644)
         os.replace(f"{out}.tmp", out)
+    return out
+
+
+def decompress_payload(bzimage: bytes) -> bytes:
+    """The bzImage's compressed payload (setup header: payload_offset/length), decompressed.
+
+    That is the kernel's vmlinux ELF (symbols stripped, relocations appended).
+    gzip and xz with Python's own modules; lz4 (Debian's cloud kernels: the
+    legacy frame Linux writes) and zstd with the Debian tools of those names.
+    """
+    setup_end = ((bzimage[0x1F1] or 4) + 1) * 512
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    payload = bzimage[setup_end + offset:setup_end + offset + length]
+    if payload[:2] == b"\x1f\x8b":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+    if payload[:6] == b"\xfd7zXZ\0":
+        return lzma.LZMADecompressor().decompress(payload)
+    tools = {b"\x02\x21\x4c\x18": "lz4", b"\x28\xb5\x2f\xfd": "zstd"}
+    tool = tools.get(payload[:4])
+    if tool is None:
+        raise ValueError(f"unknown kernel compression (payload starts {payload[:6].hex()})")
+    # Linux appends the uncompressed size (4 bytes) after the compressed stream.
+    return subprocess.run([tool, "-dc"], input=payload[:-4], capture_output=True,
+                          check=True).stdout
+
+
+def debian_vmlinux(package: str | None = None) -> Path:
+    """The cloud kernel's vmlinux ELF, taken out of its bzImage (cached per package)."""
+    bz = debian_kernel(package)
+    out = bz.parent / "vmlinux"
+    if not out.exists():
+        data = decompress_payload(bz.read_bytes())
+        if data[:4] != b"\x7fELF":
+            raise ValueError(f"{bz}: the decompressed payload is not an ELF file")
+        out.with_suffix(".tmp").write_bytes(data)
+        os.chmod(out.with_suffix(".tmp"), 0o644)
+        os.replace(out.with_suffix(".tmp"), out)
     return out
 
 

@@ -73,8 +73,8 @@ class LinuxImage:
 
 @dataclass
 class LinuxPlan:
-    image: LinuxImage
-    zero_page: GPA
+    image: LinuxImage           # or an elf.ElfImage for a vmlinux (vmlinux.py)
+    zero_page: GPA              # boot_params, or a vmlinux's hvm_start_info
     initrd: tuple[GPA, int] | None
     cpus: list[CpuState]        # the BSP only; the kernel starts the others
 
@@ -91,7 +91,7 @@ def parse_bzimage(data) -> LinuxImage:
                             f"{MAX_KERNEL >> 20} MiB)")
     if bytes(data[OFF_HEADER:OFF_HEADER + 4]) != HDR_MAGIC or _u("<H", data, OFF_BOOT_FLAG) != 0xAA55:
         raise BadImageError("not a Linux bzImage: no 'HdrS' setup header with boot flag 0xAA55 "
-                            "(pass a bzImage such as /boot/vmlinuz-*, not a vmlinux ELF or "
+                            "(pass a bzImage such as /boot/vmlinuz-* or a PVH vmlinux ELF, not "
                             "a compressed file)")
     version = _u("<H", data, OFF_VERSION)
     if version < MIN_PROTOCOL:
@@ -132,10 +132,9 @@ def _low_ram_end(memory: GuestMemory) -> int:
     return min(int(r.end) for r in memory.regions if int(r.gpa) == 0)
 
 
-def place_initrd(image: LinuxImage, memory: GuestMemory, size: int) -> int:
-    """Where the initrd goes: page-aligned, as high as the kernel and RAM allow."""
-    kernel_end = max(int(KERNEL_GPA), image.pref_address) + image.init_size
-    top = min(image.initrd_addr_max + 1, _low_ram_end(memory), int(MMIO_HOLE_START))
+def place_initrd(kernel_end: int, addr_max: int, memory: GuestMemory, size: int) -> int:
+    """Where the initrd goes: page-aligned, as high as `addr_max`, RAM and the kernel's end allow."""
+    top = min(addr_max + 1, _low_ram_end(memory), int(MMIO_HOLE_START))
     gpa = (top - size) & ~(PAGE_SIZE - 1)
     if gpa < kernel_end:
         room = max(top - kernel_end, 0)
@@ -167,7 +166,7 @@ def load_linux(kernel, initrd: bytes | None, memory: GuestMemory, cmdline: str =
     if need > _low_ram_end(memory):
         raise BootConfigError(f"the kernel needs RAM up to {need:#x} to decompress "
                               f"({need >> 20} MiB); give the VM more memory")
-    initrd_gpa = place_initrd(image, memory, len(initrd)) if initrd else None
+    initrd_gpa = place_initrd(need, image.initrd_addr_max, memory, len(initrd)) if initrd else None
     entries = e820_map(memory)
     if len(entries) > E820_MAX:
         raise BootConfigError(f"memory map has {len(entries)} entries; at most {E820_MAX} fit")

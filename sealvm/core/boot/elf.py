@@ -230,8 +230,11 @@ def _check_segment(i: int, p_offset: int, vaddr: int, paddr: int, filesz: int, m
                             "64-bit address space")
 
 
-def parse_elf(data: bytes, max_size: int = MAX_IMAGE_SIZE) -> ElfImage:
-    """Parse and validate an ELF64 x86-64 executable.  Raises BadImageError."""
+def parse_elf(data: bytes, max_size: int = MAX_IMAGE_SIZE, *, need_entry: bool = True) -> ElfImage:
+    """Parse and validate an ELF64 x86-64 executable.  Raises BadImageError.
+
+    With `need_entry` False, an image without any usable entry is returned
+    (the caller gives its own reason for refusing it)."""
     if len(data) > max_size:
         raise BadImageError(f"image is {len(data)} bytes; the limit is {max_size} bytes")
     data = bytes(data)
@@ -292,7 +295,7 @@ def parse_elf(data: bytes, max_size: int = MAX_IMAGE_SIZE) -> ElfImage:
             raise BadImageError(f"PVH entry {pvh[0]:#x} is not inside any loadable segment")
         pvh_entry = GPA(pvh[0])
     image = ElfImage(e_entry, pvh_entry, tuple(segments), symbols, len(data))
-    if pvh_entry is None and image.long_entry is None:
+    if need_entry and pvh_entry is None and image.long_entry is None:
         raise BadImageError(f"no PVH entry note and no usable e_entry ({e_entry:#x} is not inside a "
                             "loadable segment with p_vaddr == p_paddr below 4 GiB)")
     return image

@@ -7,7 +7,8 @@ version 1, as QEMU fills it for `-kernel` PVH images:
     +16 u64 modlist_paddr        +24 u64 cmdline_paddr  +32 u64 rsdp_paddr
     +40 u64 memmap_paddr         +48 u32 memmap_entries +52 u32 reserved       (56 bytes)
 
-and each memory map entry is {u64 addr, u64 size, u32 type, u32 reserved}.
+and each memory map entry is {u64 addr, u64 size, u32 type, u32 reserved}, each
+module list entry {u64 paddr, u64 size, u64 cmdline_paddr, u64 reserved}.
 
 The memory map.  QEMU microvm (through its qboot firmware) lists RAM as type 1
 and does not list the MMIO hole or the virtio-mmio windows at all; its only
@@ -35,9 +36,12 @@ MEMMAP_ENTRY = struct.Struct("<QQII")       # 24 bytes
 E820_RAM = 1
 E820_RESERVED = 2
 MEMMAP_MAX_ENTRIES = (int(CMDLINE_GPA) - int(MEMMAP_GPA)) // MEMMAP_ENTRY.size
+MODLIST_ENTRY = struct.Struct("<QQQQ")      # paddr, size, cmdline_paddr, reserved (32 bytes)
+MODLIST_GPA = GPA(int(START_INFO_GPA) + 0x40)   # between start_info and the memory map
+MODLIST_MAX = (int(MEMMAP_GPA) - int(MODLIST_GPA)) // MODLIST_ENTRY.size
 
-if int(START_INFO_GPA) + START_INFO.size > int(MEMMAP_GPA):
-    raise RuntimeError("addr.py layout: start_info overlaps the memory map")
+if int(START_INFO_GPA) + START_INFO.size > int(MODLIST_GPA):
+    raise RuntimeError("addr.py layout: start_info overlaps the module list")
 
 
 @dataclass(frozen=True)
@@ -85,25 +89,34 @@ def build_memmap(memory: GuestMemory) -> list[MemmapEntry]:
     return entries
 
 
-def write_start_info(memory: GuestMemory, cmdline: str) -> GPA:
-    """Write command line, memory map and hvm_start_info; return the start_info GPA.
+def write_start_info(memory: GuestMemory, cmdline: str, *, memmap: list[tuple[int, int, int]] | None = None,
+                     modules: list[tuple[int, int]] = (), rsdp: int = 0) -> GPA:
+    """Write command line, memory map, module list and hvm_start_info; return the start_info GPA.
 
-    Everything is validated before anything is written.  Raises CmdlineError
-    or BootConfigError.
+    `memmap` ((addr, size, type) rows) replaces the default map of build_memmap;
+    `modules` are (gpa, size) pairs (a Linux guest takes module 0 as its
+    initrd); `rsdp` is the ACPI RSDP's GPA (0: none).  Everything is validated
+    before anything is written.  Raises CmdlineError or BootConfigError.
     """
     raw = encode_cmdline(cmdline)
-    entries = build_memmap(memory)
+    if memmap is None:
+        memmap = [(int(e.addr), e.size, e.type) for e in build_memmap(memory)]
+    if len(memmap) > MEMMAP_MAX_ENTRIES or len(modules) > MODLIST_MAX:
+        raise BootConfigError(f"{len(memmap)} memory map entries and {len(modules)} modules; "
+                              f"at most {MEMMAP_MAX_ENTRIES} and {MODLIST_MAX} fit")
 
     memory.fill(CMDLINE_GPA, CMDLINE_MAX + 1, 0)
     memory.write(CMDLINE_GPA, raw + b"\0")
 
-    table = b"".join(MEMMAP_ENTRY.pack(int(e.addr), e.size, e.type, 0) for e in entries)
+    table = b"".join(MEMMAP_ENTRY.pack(int(a), size, kind, 0) for a, size, kind in memmap)
     memory.fill(MEMMAP_GPA, int(CMDLINE_GPA) - int(MEMMAP_GPA), 0)
     memory.write(MEMMAP_GPA, table)
 
-    info = START_INFO.pack(START_INFO_MAGIC, START_INFO_VERSION, 0, 0,   # magic, version, flags, nr_modules
-                           0, int(CMDLINE_GPA), 0,                          # modlist, cmdline, rsdp
-                           int(MEMMAP_GPA), len(entries), 0)                # memmap, entries, reserved
+    info = START_INFO.pack(START_INFO_MAGIC, START_INFO_VERSION, 0, len(modules),  # ..., nr_modules
+                           int(MODLIST_GPA) if modules else 0, int(CMDLINE_GPA), int(rsdp),
+                           int(MEMMAP_GPA), len(memmap), 0)                # memmap, entries, reserved
     memory.fill(START_INFO_GPA, int(MEMMAP_GPA) - int(START_INFO_GPA), 0)
     memory.write(START_INFO_GPA, info)
+    if modules:
+        memory.write(MODLIST_GPA, b"".join(MODLIST_ENTRY.pack(int(g), n, 0, 0) for g, n in modules))
     return START_INFO_GPA
