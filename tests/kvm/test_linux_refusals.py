@@ -3,6 +3,7 @@ every check here happens before the guest's first instruction)."""
 from __future__ import annotations
 
 import os
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -27,11 +28,17 @@ def files():
     paths = {"kernel": str(kernel), "corrupt": f"{d}/corrupt-vmlinuz", "big": f"{d}/big-initrd",
              "small": f"{d}/small-initrd"}
     Path(paths["corrupt"]).write_bytes(data)
+    vmlinux = nested.debian_vmlinux()
+    data = vmlinux.read_bytes()
+    pvh_note = struct.pack("<III", 4, 8, 18) + b"Xen\0"          # XEN_ELFNOTE_PHYS32_ENTRY
+    assert data.count(pvh_note) == 1
+    paths.update(vmlinux=str(vmlinux), nopvh=f"{d}/nopvh-vmlinux")
+    Path(paths["nopvh"]).write_bytes(data.replace(pvh_note, struct.pack("<III", 4, 8, 17) + b"Xen\0"))
     with open(paths["big"], "wb") as f:
         f.truncate(200 << 20)
     Path(paths["small"]).write_bytes(b"\0" * 4096)
     yield paths
-    for name in ("corrupt", "big", "small"):
+    for name in ("corrupt", "big", "small", "nopvh"):
         os.unlink(paths[name])
     os.rmdir(d)
 
@@ -64,3 +71,18 @@ def test_initrd_needs_a_linux_kernel(files):
     _refused(r, "--initrd needs a Linux kernel")
     r = sealvm("run", str(guest_image("hello")), "--kernel", files["kernel"])
     _refused(r, "either GUEST")
+
+
+def test_vmlinux_without_pvh_note_is_refused(files):
+    r = sealvm("run", "--kernel", files["nopvh"], "--initrd", files["small"])
+    _refused(r, "no PVH entry note", "CONFIG_PVH=y")
+
+
+def test_vmlinux_with_oversized_initrd_is_refused(files):
+    r = sealvm("run", "--kernel", files["vmlinux"], "--initrd", files["big"], "-m", "128M")
+    _refused(r, "initrd (209715200 bytes) does not fit")
+
+
+def test_vmlinux_too_big_for_the_vm_is_refused(files):
+    r = sealvm("run", "--kernel", files["vmlinux"], "-m", "32M")
+    _refused(r, "the kernel does not fit this VM", "outside guest RAM")

@@ -42,6 +42,7 @@ SCRIPT = """
 scenario one python3 expect.py sealvm run --kernel vmlinuz --initrd echo.cpio.gz --vcpus 1
 scenario smp2 sealvm run --kernel vmlinuz --initrd hello.cpio.gz --vcpus 2
 scenario panic sealvm run --kernel vmlinuz --initrd panic.cpio.gz
+scenario pvh sealvm run --kernel vmlinux --initrd hello.cpio.gz --vcpus 2
 """
 
 
@@ -57,6 +58,8 @@ def outer():
     job.add("panic.cpio.gz", N.guest_initrd(image, N.PANIC_INIT))
     job.add("echo.cpio.gz", N.guest_initrd(image, ECHO_INIT))
     job.add("expect.py", EXPECT_PY.encode())
+    kv = (image / "kernel-version").read_text().strip()     # the same kernel, as a vmlinux ELF
+    job.add("vmlinux", N.debian_vmlinux(f"linux-image-{kv}").read_bytes())
     job.script = SCRIPT
     out = job.run(timeout=600)
     assert out.rc == 0, f"the outer VM did not finish its job:\n{out.console[-4000:]}"
@@ -78,6 +81,17 @@ def test_linux_boots_reads_hwrng_and_powers_off(outer, name, cpus):
     assert marker["online"] == ("0" if cpus == 1 else f"0-{cpus - 1}")
     assert marker["source"].startswith("virtio_rng"), marker      # the core's virtio-rng
     assert re.fullmatch(r"[0-9a-f]{32}", marker["rng"]) and marker["rng"] != "0" * 32
+    assert marker["kernel"].endswith("-cloud-amd64")
+
+
+def test_vmlinux_boots_through_its_pvh_entry(outer):
+    """The same kernel as an uncompressed ELF: PVH 32-bit entry, initrd as module 0, ACPI via
+    rsdp_paddr (the virtio-rng and the second vCPU are only found through the ACPI tables)."""
+    rc, text = outer.section("pvh")
+    assert rc == 0, f"sealvm run exited {rc}:\n{text[-3000:]}"
+    marker = _marker(text)
+    assert marker["cpus"] == "2" and marker["online"] == "0-1", marker
+    assert marker["source"].startswith("virtio_rng"), marker
     assert marker["kernel"].endswith("-cloud-amd64")
 
 
