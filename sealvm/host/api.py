@@ -67,6 +67,8 @@ class IncomingSpec(BaseModel):
     owner_pub: str | None = None
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
     listen: str = Field(default="127.0.0.1", description="address the stream is taken on")
+    disk: str | None = Field(default=None, description="the VM's sealed disk as this host "
+                             "reaches it (shared storage)")
 
 
 class MigrateSpec(BaseModel):
@@ -154,7 +156,7 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            return manager.incoming(spec.name, bundle, spec.broker, spec.listen)
+            return manager.incoming(spec.name, bundle, spec.broker, spec.listen, spec.disk)
         return _errors(go)
 
     @app.post("/v1/vms/{vm_id}/migrate")
