@@ -73,6 +73,8 @@ class IncomingSpec(BaseModel):
 
 class MigrateSpec(BaseModel):
     to: str = Field(description="HOST:PORT of the target (from POST /v1/incoming there)")
+    downtime_ms: int = Field(default=300, ge=10, le=60_000, description="the downtime "
+                             "budget: pre-copy goes on until the rest fits in it")
 
 
 class FinishSpec(BaseModel):
@@ -162,7 +164,7 @@ def build_app(manager: VmManager) -> FastAPI:
     @app.post("/v1/vms/{vm_id}/migrate")
     def migrate_vm(vm_id: str, spec: MigrateSpec) -> dict:
         """Stream the VM to a target core; the report: rounds, pages, bytes, stop phase."""
-        return _errors(lambda: manager.migrate(vm_id, spec.to))
+        return _errors(lambda: manager.migrate(vm_id, spec.to, spec.downtime_ms))
 
     @app.post("/v1/vms/{vm_id}/migrate/finish", response_model=VmView)
     def migrate_finish(vm_id: str, spec: FinishSpec):

@@ -309,7 +309,7 @@ class VmManager:
         finally:
             lsock.close()
 
-    def migrate(self, vm_id: str, to: str) -> dict:
+    def migrate(self, vm_id: str, to: str, downtime_ms: int = 300) -> dict:
         """Send the VM to the target core listening at HOST:PORT.  Afterwards the VM is
         paused here until `migrate_finish` learns whether the target took over."""
         rec = self.get(vm_id)
@@ -325,7 +325,7 @@ class VmManager:
             link.attach(P.AttachKind.MIGRATION, 0, conn.fileno())
         self.progress[vm_id] = (0, 0)
         t0 = time.perf_counter()
-        out = link.migrate_out()
+        out = link.migrate_out(downtime_ms=downtime_ms)
         self.pending_migrations[vm_id] = out["ticket"]
         self._set_state(rec, "migrated")
         import json
