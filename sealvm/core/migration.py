@@ -44,8 +44,8 @@ _LEN = struct.Struct(">I")
 _OFF = struct.Struct(">Q")
 MAX_HELLO = 1024
 MAX_ROUNDS = 30
-# Of the 300 ms downtime budget, the stop-and-copy gets half: the target's build, the
-# owner's generation commit and the start take the rest.
+# Of the downtime budget (300 ms unless the host asks otherwise), the stop-and-copy gets
+# half: the target's build, the owner's generation commit and the start take the rest.
 STOP_BUDGET_S = 0.15
 KVM_GET_TSC_KHZ = 0xAEA3       # _IO(KVMIO, 0xa3): the vCPU's TSC frequency
 Progress = Callable[[int, int], None]

@@ -306,7 +306,7 @@ class VmService:
         return self._build(config, b"", Restore(state, None, paused=False), memory)
 
     # ---- live migration (docs/migration.md) ------------------------------
-    def migrate_out(self, receipt: bytes) -> dict:
+    def migrate_out(self, receipt: bytes, downtime_ms: int = 300) -> dict:
         """Send the VM over the attached MIGRATION stream; it ends paused here, and may
         resume only with the broker's receipt for the ticket (the target never took over)."""
         from . import migration as MG
@@ -327,7 +327,8 @@ class VmService:
                 sock.settimeout(MIGRATION_TIMEOUT)
                 self._progress_sent = 0
                 report = MG.Source(self.machine, sock, key, att.manifest["name"],
-                                   att.generation, self.config, self._progress).run()
+                                   att.generation, self.config, self._progress,
+                                   downtime_ms / 2000).run()
             except (OSError, MG.MigrationError, SealError, ValueError) as e:
                 if was_running:     # the stream never ended: the target cannot take over
                     self.machine.resume()

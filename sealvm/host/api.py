@@ -67,10 +67,14 @@ class IncomingSpec(BaseModel):
     owner_pub: str | None = None
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
     listen: str = Field(default="127.0.0.1", description="address the stream is taken on")
+    disk: str | None = Field(default=None, description="the VM's sealed disk as this host "
+                             "reaches it (shared storage)")
 
 
 class MigrateSpec(BaseModel):
     to: str = Field(description="HOST:PORT of the target (from POST /v1/incoming there)")
+    downtime_ms: int = Field(default=300, ge=10, le=60_000, description="the downtime "
+                             "budget: pre-copy goes on until the rest fits in it")
 
 
 class FinishSpec(BaseModel):
@@ -154,13 +158,13 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            return manager.incoming(spec.name, bundle, spec.broker, spec.listen)
+            return manager.incoming(spec.name, bundle, spec.broker, spec.listen, spec.disk)
         return _errors(go)
 
     @app.post("/v1/vms/{vm_id}/migrate")
     def migrate_vm(vm_id: str, spec: MigrateSpec) -> dict:
         """Stream the VM to a target core; the report: rounds, pages, bytes, stop phase."""
-        return _errors(lambda: manager.migrate(vm_id, spec.to))
+        return _errors(lambda: manager.migrate(vm_id, spec.to, spec.downtime_ms))
 
     @app.post("/v1/vms/{vm_id}/migrate/finish", response_model=VmView)
     def migrate_finish(vm_id: str, spec: FinishSpec):

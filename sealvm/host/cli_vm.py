@@ -64,6 +64,10 @@ def add_parser(sub, parse_size) -> None:
     mg.add_argument("--broker", metavar="URL", help="the owner's key broker as the target "
                     "reaches it (default: the VM's broker here)")
     mg.add_argument("--name", help="VM id on the target (default: the same)")
+    mg.add_argument("--downtime-ms", type=int, default=300,
+                    help="downtime budget the pre-copy aims for (default %(default)s)")
+    mg.add_argument("--disk", metavar="FILE", help="the VM's sealed disk as the target host "
+                    "reaches it (shared storage)")
     rs = vs.add_parser("restore", help="a new VM from a sealed snapshot",
                        description="A new core attests to the owner's broker as the restorer "
                        "of SNAPSHOT; the broker releases the key only for the VM's newest "
@@ -135,11 +139,12 @@ def _migrate(http, args) -> int:
         r = target.post("/v1/incoming", json=dict(
             name=name, manifest=os.path.abspath(args.manifest), broker=broker,
             owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
-            listen=args.address))
+            listen=args.address, disk=os.path.abspath(args.disk) if args.disk else None))
         _check(r)
         port = r.json()["port"]
         r = _with_progress(http, args.vm, "migrating", lambda: http.post(
-            f"/v1/vms/{args.vm}/migrate", json={"to": f"{args.address}:{port}"}))
+            f"/v1/vms/{args.vm}/migrate", json={"to": f"{args.address}:{port}",
+                                               "downtime_ms": args.downtime_ms}))
         if r.status_code >= 400:
             target.delete(f"/v1/vms/{name}")
             _check(r)

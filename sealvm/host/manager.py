@@ -251,7 +251,7 @@ class VmManager:
 
     # ---- live migration (docs/migration.md) ------------------------------
     def incoming(self, name: str | None, manifest: bytes, broker: str,
-                 listen: str = "127.0.0.1") -> dict:
+                 listen: str = "127.0.0.1", disk: str | None = None) -> dict:
         """Get ready to take a migrating VM: a core that will attest as its target, and a
         TCP port for the source host's stream.  Returns {"id", "port"} at once; the VM
         starts here only if the owner's broker makes this copy the newest."""
@@ -265,18 +265,26 @@ class VmManager:
                            m["entry"], "rng" in m["devices"], broker=broker)
             self.records[vm_id] = rec
         lsock = socket.create_server((listen, 0))
+        disk_fd = None
         try:
+            disk_fd = open_disk_file(disk) if disk else None
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, m["memory_mib"],
                                                                      attest=True)
             self.store.save(rec)
             link = self._link(rec, sock)
             link.load_image(manifest, kind=3)
-        except (CoreRefused, OSError) as e:
+            if disk_fd is not None:      # the same sealed disk (shared storage); the target
+                link.attach(P.AttachKind.BLOCK, 0, disk_fd)  # opens it only once it runs
+        except (CoreRefused, OSError, ValueError) as e:
+            if disk_fd is not None:
+                os.close(disk_fd)
             lsock.close()
             rec.state, rec.stop_reason = "failed", str(e)
             self.store.save(rec)
             self._finish(vm_id)
             raise CoreRefused(str(e)) from None
+        if disk_fd is not None:
+            os.close(disk_fd)
         self._set_state(rec, "incoming")
         threading.Thread(target=self._take_over, args=(rec, link, lsock), daemon=True,
                          name=f"incoming-{vm_id}").start()
@@ -301,7 +309,7 @@ class VmManager:
         finally:
             lsock.close()
 
-    def migrate(self, vm_id: str, to: str) -> dict:
+    def migrate(self, vm_id: str, to: str, downtime_ms: int = 300) -> dict:
         """Send the VM to the target core listening at HOST:PORT.  Afterwards the VM is
         paused here until `migrate_finish` learns whether the target took over."""
         rec = self.get(vm_id)
@@ -317,7 +325,7 @@ class VmManager:
             link.attach(P.AttachKind.MIGRATION, 0, conn.fileno())
         self.progress[vm_id] = (0, 0)
         t0 = time.perf_counter()
-        out = link.migrate_out()
+        out = link.migrate_out(downtime_ms=downtime_ms)
         self.pending_migrations[vm_id] = out["ticket"]
         self._set_state(rec, "migrated")
         import json

@@ -201,7 +201,7 @@ _SPECS = (
     # then stop-and-copy), answer the ticket the source needs to resume if the target
     # never takes over; with the broker's receipt: resume here
     OpSpec(Op.MIGRATE_OUT, "MIGRATE_OUT", Kind.REQUEST, CAP_VM,
-           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("receipt", MAX_TICKET), U32("downtime_ms", lo=10, hi=60_000)),
            (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"),
             Str("report", MAX_MESSAGE))),
     # empty receipt: attest as the migration target, take the VM from the attached

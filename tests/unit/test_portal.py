@@ -27,7 +27,7 @@ REQUESTS = {
     Op.ATTACH: dict(kind=P.AttachKind.BLOCK, index=1),
     Op.SNAPSHOT: dict(receipt=b'{"body":"x","mac":"y"}'),
     Op.RESTORE: dict(receipt=b""),
-    Op.MIGRATE_OUT: dict(receipt=b""),
+    Op.MIGRATE_OUT: dict(receipt=b"", downtime_ms=300),
     Op.MIGRATE_IN: dict(receipt=b"r"),
 }
 REPLIES = {
