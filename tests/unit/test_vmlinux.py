@@ -105,6 +105,7 @@ def test_bzimage_and_vmlinux_are_told_apart(mem):
     (kernel()[:200], BadImageError, "not a bootable vmlinux: file truncated"),
     (kernel(paddr=RAM - 0x1000), BootConfigError, "does not fit this VM"),
     (kernel(paddr=0xBFFF_F000), BootConfigError, "MMIO hole"),
+    (kernel(paddr=0xF0000), BadImageError, "overlaps the ACPI tables"),
 ])
 def test_bad_kernels_are_refused_before_ram_is_touched(mem, image, error, message):
     before = _digest(mem)
@@ -150,7 +151,9 @@ def test_real_debian_vmlinux_has_a_pvh_entry_and_loads():
         first = image.segments[0]
         assert big.read(first.paddr, 4096) == bytes(first.data[:4096])
         assert plan.initrd[0] >= max(int(s.end) for s in image.segments)
+        small = GuestMemory.anonymous(32 * MiB)
         with pytest.raises(BootConfigError, match="does not fit this VM"):
-            V.load_kernel(data, None, GuestMemory.anonymous(32 * MiB), "")
+            V.load_kernel(data, None, small, "")
+        small.close()
     finally:
         big.close()

@@ -16,16 +16,17 @@ with CONFIG_PVH=y announces it in its `Xen` note of type 18
   EBX = start_info; the other vCPUs wait in the in-kernel LAPIC for INIT/SIPI.
 
 Refused before guest RAM is written: an ELF the loader cannot parse, one
-without the PVH note, a kernel that does not fit RAM, an initrd that does not
-fit between the kernel and the initrd limit, a command line longer than x86
-Linux's 2047 bytes or containing NUL.
+without the PVH note, a kernel that does not fit RAM or overlaps the ACPI
+tables (0xe0000-0x100000), an initrd that does not fit between the kernel and
+the initrd limit, a command line longer than x86 Linux's 2047 bytes or
+containing NUL.
 """
 from __future__ import annotations
 
 from ..addr import GPA, GiB
 from ..memory import GuestMemory
-from .acpi import RSDP_GPA, write_acpi
-from .bzimage import E820_MAX, LinuxPlan, e820_map, load_linux, parse_bzimage, place_initrd
+from .acpi import ACPI_AREA_END, ACPI_AREA_START, RSDP_GPA, write_acpi
+from .bzimage import LinuxPlan, e820_map, load_linux, parse_bzimage, place_initrd
 from .cpu_state import pvh_entry_state, write_pvh_gdt
 from .elf import ElfImage, check_placement, load_elf, parse_elf
 from .errors import BadImageError, BootConfigError, CmdlineError
@@ -69,11 +70,12 @@ def load_kernel(kernel, initrd: bytes | None, memory: GuestMemory, cmdline: str 
         check_placement(image, memory)
     except BadImageError as e:
         raise BootConfigError(f"the kernel does not fit this VM: {e}") from None
+    if any(s.paddr < ACPI_AREA_END and s.end > ACPI_AREA_START for s in image.segments):
+        raise BadImageError(f"the kernel overlaps the ACPI tables' area "
+                            f"({ACPI_AREA_START:#x}-{ACPI_AREA_END:#x})")
     kernel_end = max(int(s.end) for s in image.segments)
     initrd_gpa = place_initrd(kernel_end, 4 * GiB - 1, memory, len(initrd)) if initrd else None
-    entries = e820_map(memory)
-    if len(entries) > E820_MAX - 1:          # the kernel appends the ISA hole itself
-        raise BootConfigError(f"memory map has {len(entries)} entries; at most {E820_MAX - 1} fit")
+    entries = e820_map(memory)          # a few entries; the kernel appends the ISA hole itself
 
     load_elf(image, memory)
     modules = []
