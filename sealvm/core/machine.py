@@ -36,6 +36,14 @@ SERIAL_IRQ = 4
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 
 
+# Every vCPU of a Linux guest starts with the syscall/sysenter MSRs clear, the TSCs equal
+# (0, so the kernel finds them synchronised) and fast strings on, as firmware leaves them.
+LINUX_BOOT_MSRS = {0x174: 0, 0x175: 0, 0x176: 0,                  # IA32_SYSENTER_CS/ESP/EIP
+                   0xC0000081: 0, 0xC0000082: 0, 0xC0000083: 0,   # STAR, LSTAR, CSTAR
+                   0xC0000084: 0, 0xC0000102: 0,                  # SYSCALL_MASK, KERNEL_GS_BASE
+                   0x10: 0, 0x1A0: 1}                             # IA32_TSC, MISC_ENABLE
+
+
 class MachineError(Exception):
     """The VM cannot be built as configured (user's fault; message says why)."""
 
@@ -162,6 +170,7 @@ class Machine:
         for i in range(cfg.vcpus):
             fd = self.vm.create_vcpu(i)
             fd.set_cpuid2(linux_cpuid(supported, i, cfg.vcpus, deadline))
+            state.set_msrs(fd, LINUX_BOOT_MSRS)
             if i == 0:                       # the others wait in the kernel for INIT/SIPI
                 apply_cpu_state(fd, plan.cpus[0])
             self.vcpus.append(Vcpu(i, fd, self.control, self.pio, self.mmio,
