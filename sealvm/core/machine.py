@@ -8,6 +8,7 @@ threads; `wait()` returns the guest's exit status.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +30,8 @@ from .vcpu import Vcpu, VcpuControl, install_kick_handler
 MAX_VCPUS = 64
 BENCH_MMIO_SINK = 0xD020_0000
 BENCH_IOEVENT_ADDR = 0xD020_1000
+NET_KIND = 2                       # AttachKind.NET (wire/portal_ops.py)
+NET_MAC = bytes.fromhex("025345414c01")   # locally administered: 02:53:45:41:4c:01
 
 
 class MachineError(Exception):
@@ -48,6 +51,9 @@ class MachineConfig:
     ram: RamOptions = RamOptions()   # pre-faulting / huge pages for guest RAM (off)
     kvm_fd: int | None = None        # an open /dev/kvm handed over by the launcher
     restore: object | None = None    # a vmstate.Restore: build() restores it, ignores `image`
+    net_key: Callable[[], bytes] | None = None   # the tunnel key, asked for at start
+    net_report: Callable[[str], None] = lambda m: None   # tunnel counters for the host's log
+    net_options: dict = field(default_factory=dict)     # Tunnel() options (tests: rekey limits)
 
 
 @dataclass
@@ -81,6 +87,7 @@ class Machine:
         self.stop_reason = ""
         self._stopped = threading.Event()
         self._extra_fds: list[int] = []
+        self.net = None
 
     # ---- build --------------------------------------------------------
     def build(self) -> None:
@@ -129,11 +136,27 @@ class Machine:
         self.mmio.add(IDLE_DOORBELL_GPA, db.SIZE, db.read, db.write, "idle-doorbell")
         if self.config.rng:
             self._add_virtio(VirtioRng(entropy=self.config.entropy), "virtio-rng")
+        net_fd = getattr(self.config, "attached", {}).get((NET_KIND, 0))
+        if net_fd is not None:
+            self._add_net(net_fd)
         if self.config.bench_sinks:
             self.mmio.add(BENCH_MMIO_SINK, 0x1000, lambda o, n: 0, lambda o, v, n: None, "bench-sink")
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._extra_fds.append(efd)
             self.vm.ioeventfd(efd, BENCH_IOEVENT_ADDR, 4)
+
+    def _add_net(self, fd: int) -> None:
+        from .devices.virtio.net import VirtioNet   # loaded only for a VM with a network
+        if self.config.net_key is None:
+            raise MachineError("a network was attached but this core has no network key "
+                               "(it needs the owner's manifest and key broker)")
+        link = socket.socket(fileno=os.dup(fd))
+        if link.type not in (socket.SOCK_SEQPACKET, socket.SOCK_DGRAM):
+            link.close()
+            raise MachineError("the attached network link is not a datagram socket")
+        self.net = VirtioNet(link, self.config.net_key, NET_MAC, report=self.config.net_report,
+                             tunnel_options=self.config.net_options)
+        self._add_virtio(self.net, "virtio-net")
 
     def _add_virtio(self, device, name: str) -> None:
         n = len(self.virtio)
@@ -148,6 +171,7 @@ class Machine:
             self.vm.ioeventfd(w.fd, gpa + 0x50, 4, datamatch=q)
             slot.workers.append(w)
         self.virtio.append(slot)
+        return slot
 
     def capture_state(self) -> dict:
         """vmstate.capture_vm: the state of this paused machine (refused while running)."""
@@ -159,7 +183,8 @@ class Machine:
         # Guests here poll their used rings and may park on the idle doorbell
         # meanwhile: wake them after every batch, whatever the driver's
         # interrupt suppression says.
-        while transport.process_queue(queue) and not self._stopped.is_set():
+        while (transport.process_queue(queue) and not self._stopped.is_set()
+               and transport.device.has_work(queue)):
             pass
         self._device_event()
 
@@ -182,6 +207,9 @@ class Machine:
             self._on_stopped(why, status)
 
     def start(self) -> None:
+        if self.net is not None:
+            t = next(s.transport for s in self.virtio if s.transport.device is self.net)
+            self.net.start(lambda: self._serve(t, 0))
         for slot in self.virtio:
             for w in slot.workers:
                 w.start()
@@ -222,6 +250,8 @@ class Machine:
         for slot in self.virtio:
             for w in slot.workers:
                 w.stop()
+        if self.net is not None:
+            self.net.stop()
         for fd in self._extra_fds:
             os.close(fd)
         for v in self.vcpus:
