@@ -51,6 +51,8 @@ class MachineConfig:
     ram: RamOptions = RamOptions()   # pre-faulting / huge pages for guest RAM (off)
     kvm_fd: int | None = None        # an open /dev/kvm handed over by the launcher
     restore: object | None = None    # a vmstate.Restore: build() restores it, ignores `image`
+    # fds the host attached for devices, (AttachKind, index) -> fd; the machine owns them
+    attached: dict = field(default_factory=dict)
     net_key: Callable[[], bytes] | None = None   # the tunnel key, asked for at start
     net_report: Callable[[str], None] = lambda m: None   # tunnel counters for the host's log
     net_options: dict = field(default_factory=dict)     # Tunnel() options (tests: rekey limits)
@@ -136,7 +138,7 @@ class Machine:
         self.mmio.add(IDLE_DOORBELL_GPA, db.SIZE, db.read, db.write, "idle-doorbell")
         if self.config.rng:
             self._add_virtio(VirtioRng(entropy=self.config.entropy), "virtio-rng")
-        net_fd = getattr(self.config, "attached", {}).get((NET_KIND, 0))
+        net_fd = self.config.attached.get((NET_KIND, 0))
         if net_fd is not None:
             self._add_net(net_fd)
         if self.config.bench_sinks:
@@ -252,8 +254,9 @@ class Machine:
                 w.stop()
         if self.net is not None:
             self.net.stop()
-        for fd in self._extra_fds:
+        for fd in self._extra_fds + list(self.config.attached.values()):
             os.close(fd)
+        self.config.attached.clear()
         for v in self.vcpus:
             v.fd.close()
         if self.vm is not None:

@@ -71,6 +71,41 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
+class FdChannel:
+    """A portal connection read with recvmsg, so fds the host passes (SCM_RIGHTS) are kept.
+
+    A Unix stream socket delivers passed fds with the first byte of the message that
+    carried them, and a read never runs past the frame the reader asked for, so the fds
+    taken after a frame was read arrived with that frame.  At most MAX_FDS are accepted
+    per read; the kernel closes any beyond what fits (MSG_CTRUNC).
+    """
+    MAX_FDS = 2
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fds: list[int] = []
+
+    def recv_into(self, view, nbytes: int = 0, /) -> int:
+        n, anc, flags, _ = self.sock.recvmsg_into([view], socket.CMSG_SPACE(4 * self.MAX_FDS),
+                                                  socket.MSG_CMSG_CLOEXEC)
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self.fds += struct.unpack(f"{len(data) // 4}i", data[:len(data) // 4 * 4])
+        if flags & socket.MSG_CTRUNC:
+            self.fds.append(-1)          # more fds than allowed: the frame is refused
+        return n
+
+    def take(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
@@ -91,11 +126,13 @@ class Dispatcher:
             P.OP.STOP: lambda f: s.stop(),
             P.OP.QUERY: lambda f: s.query(),
             P.OP.CONSOLE_INPUT: lambda f: s.console_input(f["data"]),
+            P.OP.ATTACH: lambda f: None,          # done in handle(): it needs the fd
         }
 
     def serve(self, sock: socket.socket) -> None:
         """Serve one host connection until it closes or the stream can no longer be framed."""
-        reader = P.FrameReader(sock)
+        channel = FdChannel(sock)
+        reader = P.FrameReader(channel)
         while True:
             try:
                 frame = reader.read()
@@ -106,30 +143,42 @@ class Dispatcher:
                 continue
             if frame is None:
                 break
-            self.handle(sock, frame.header, frame.payload)
+            self.handle(sock, frame.header, frame.payload, channel.take())
+        close_fds(channel.take())
         self.portal.detach(sock)
         _close(sock)
 
-    def handle(self, sock, header, payload) -> None:
+    def handle(self, sock, header, payload, fds=()) -> None:
         op, seq = header.op, header.seq
+        fds = list(fds)
         try:
             # The capability is checked before any field of the payload is decoded.
             P.check_capability(header, {P.CAP_VM: self.service.token})
             msg = P.decode_payload(header, payload)
+            if (op == P.OP.ATTACH) != (len(fds) == 1) or -1 in fds:
+                raise P.PortalError(P.STATUS.MALFORMED, f"{len(fds)} fds with "
+                                    f"{P.op_name(op)}: ATTACH carries exactly one, others none")
             if op == P.OP.HELLO:
                 self._hello(sock, seq)
                 return
+            if op == P.OP.ATTACH:
+                self.service.attach(msg.fields["kind"], msg.fields["index"], fds[0])
+                fds.clear()                   # the service owns it now
             result = self.handlers[op](msg.fields) or {}
             self.portal.send(P.encode_reply(op, seq, P.STATUS.OK, "", **result), sock)
             if op == P.OP.STOP:
                 self.service.finished.set()
+            return
         except P.PortalError as e:
-            self._refuse(sock, op, seq, e.status, str(e))
+            refusal = (e.status, str(e))
         except Refused as e:
-            self._refuse(sock, op, seq, getattr(P.STATUS, e.status), e.message)
+            refusal = (getattr(P.STATUS, e.status), e.message)
         except Exception as e:   # our own bug: answer, say it loudly, keep serving
             log.exception("portal: internal error in %s", P.op_name(op))
-            self._refuse(sock, op, seq, P.STATUS.FAILED, f"internal error in the core: {e!r}")
+            refusal = (P.STATUS.FAILED, f"internal error in the core: {e!r}")
+        finally:
+            close_fds(fds)                    # refused fds are gone before the answer
+        self._refuse(sock, op, seq, *refusal)
 
     def _hello(self, sock, seq: int) -> None:
         token = self.service.hello()

@@ -28,6 +28,7 @@ from ..wire.portal_ops import CONFIG_FLAG_PREFAULT as FLAG_PREFAULT
 from ..wire.portal_ops import CONFIG_FLAG_RNG as FLAG_RNG
 from ..wire.portal_ops import CONFIG_FLAG_THP as FLAG_THP
 from ..wire.portal_ops import CONFIG_FLAGS as KNOWN_FLAGS
+from ..wire.portal_ops import AttachKind
 
 log = logging.getLogger("sealvm.core")
 
@@ -38,6 +39,9 @@ MAX_MANIFEST = 1 << 20
 CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
 ENTRY_MODES = {1: "pvh", 2: "long"}
+ATTACH_BLOCK, ATTACH_NET = AttachKind.BLOCK, AttachKind.NET
+ATTACH_NAMES = {k: k.name.lower() for k in AttachKind}
+DEVICE_OF_ATTACH = {ATTACH_BLOCK: "blk", ATTACH_NET: "net"}   # (kind, 0) attached -> device
 
 
 class Refused(Exception):
@@ -67,6 +71,7 @@ class VmService:
         self.blobs: dict[int, list] = {}      # image kind -> [bytes so far, announced total]
         self.attestation = attestation
         self.machine: Machine | None = None
+        self.attached: dict[tuple[int, int], int] = {}   # (AttachKind, index) -> fd
         self.exit_status = -1
         self.stop_reason = ""
         self._console_backlog: deque[bytes] = deque()
@@ -108,6 +113,26 @@ class VmService:
                 raise Refused("OUT_OF_RANGE", "image chunk runs past the announced size")
             buf[0] += data
 
+    def attach(self, kind: int, index: int, fd: int) -> None:
+        """Keep an fd the host handed over: a disk file or relay socket before START; a
+        snapshot or migration stream at any time (a newer one replaces the older)."""
+        with self._lock:
+            if kind in DEVICE_OF_ATTACH:
+                self._need(EMPTY)
+                if (kind, index) in self.attached:
+                    raise Refused("WRONG_STATE", f"{ATTACH_NAMES[kind]} {index} is already attached")
+            elif (old := self.attached.pop((kind, index), None)) is not None:
+                os.close(old)
+            self.attached[(kind, index)] = fd
+
+    def take_attached(self, kind: int, index: int) -> int:
+        """Hand over (and forget) an attached fd; the caller closes it."""
+        with self._lock:
+            fd = self.attached.pop((kind, index), None)
+        if fd is None:
+            raise Refused("WRONG_STATE", f"no {ATTACH_NAMES[kind]} {index} is attached")
+        return fd
+
     def configure(self, memory_mib: int, vcpus: int, entry: int, flags: int, cmdline: str) -> None:
         with self._lock:
             self._need(EMPTY)
@@ -124,20 +149,26 @@ class VmService:
                     flags & FLAG_THP and flags & FLAG_HUGETLB):
                 raise Refused("OUT_OF_RANGE", "unknown entry mode or flags")
             huge = "thp" if flags & FLAG_THP else "hugetlb" if flags & FLAG_HUGETLB else None
+            devices = ["rng"] if flags & FLAG_RNG else []
+            devices += [DEVICE_OF_ATTACH[k] for k, i in self.attached if k in DEVICE_OF_ATTACH
+                        and i == 0]
             if manifest is not None:
                 if self.attestation is None:
                     raise Refused("FAILED", "this core was started without attestation")
                 try:
                     self.attestation.configure(bytes(manifest[0]), bytes(image), cmdline,
                                                memory_mib, vcpus, ENTRY_MODES[entry],
-                                               ["rng"] if flags & FLAG_RNG else [])
+                                               devices)
                 except AttestationFailed as e:
                     raise Refused("FAILED", str(e)) from None
+            net = self._net_config(devices)
             cfg = MachineConfig(image=bytes(image), memory=memory_mib * MiB, vcpus=vcpus,
                                 cmdline=cmdline, entry=ENTRY_MODES[entry],
                                 rng=bool(flags & FLAG_RNG), kvm_fd=self.kvm_fd,
                                 bench_sinks=bool(flags & FLAG_BENCH_SINKS),
-                                ram=RamOptions(bool(flags & FLAG_PREFAULT), huge))
+                                ram=RamOptions(bool(flags & FLAG_PREFAULT), huge),
+                                attached={k: self.attached.pop(k) for k in list(self.attached)
+                                          if k[0] in DEVICE_OF_ATTACH}, **net)
             machine = Machine(cfg, self._console, on_stopped=self._stopped)
             try:
                 machine.build()
@@ -152,6 +183,26 @@ class VmService:
             self.blobs.clear()
             self.state = CONFIGURED
 
+    def _net_config(self, devices: list[str]) -> dict:
+        """The network tunnel's key source: the owner's attested key, or a test key."""
+        if "net" not in devices:
+            return {}
+        from .sandbox import switches
+        report = (lambda m: self._emit("LOG", {"level": 20, "message": clip(m)}))
+        opts = dict(net_report=report, net_options=dict(
+            switches.test_net_options(), replay_check=not switches.disabled("net_replay"),
+            seal_frames=not switches.disabled("net_seal")))
+        if self.attestation is not None:
+            return dict(opts, net_key=lambda: self.attestation.keys["net"])
+        try:
+            key = switches.test_net_key()
+        except ValueError as e:
+            raise Refused("FAILED", str(e)) from None
+        if key is None:
+            raise Refused("FAILED", "a network needs the owner's key: configure the VM with its "
+                                    "signed manifest (the key broker releases the net key)")
+        return dict(opts, net_key=lambda: key)
+
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
         with self._lock:
@@ -164,6 +215,8 @@ class VmService:
                     raise Refused("FAILED", str(e)) from None
                 self._emit("LOG", {"level": 20, "message": clip(
                     "attestation: " + self.attestation.result)})
+                if self.machine.net is not None and "net" not in (self.attestation.keys or {}):
+                    raise Refused("FAILED", "the owner's broker released no net key")
             self._before_start()
             self.state = RUNNING
             self.machine.start()

@@ -124,6 +124,10 @@ class CoreLink:
     def console_input(self, data: bytes) -> None:
         self._call(Op.CONSOLE_INPUT, data=data)
 
+    def attach(self, kind: int, index: int, fd: int) -> None:
+        """Hand the core an fd (P.AttachKind); the caller keeps and may close its copy."""
+        self._call(Op.ATTACH, fds=(fd,), kind=P.AttachKind(kind), index=index)
+
     def wait_closed(self, timeout: float) -> bool:
         """Wait for the core to hang up (it exits after answering STOP)."""
         pause = threading.Event()

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from .portal_ops import (CAP_VM, CONFIG_FLAG_RNG, EVENT_OPS, EVENTS, HEADER_SIZE, MAGIC,  # noqa: F401
                          MAX_MESSAGE, MAX_PAYLOAD, MAX_REFUSAL, OPS, REPLY_PREFIX, REQUEST_OPS,
-                         VERSION, EntryMode, ImageKind, Kind, LogLevel, Op, OpSpec, VmState,
+                         VERSION, AttachKind, EntryMode, ImageKind, Kind, LogLevel, Op, OpSpec, VmState,
                          op_name)
 from .portal_schema import (TOKEN_SIZE, EncodeError, PortalError, Status, decode_fields,  # noqa: F401
                             encode_fields)

@@ -24,6 +24,7 @@ host's half of it (`encode_request`, `decode_response`, `decode_frame`,
 """
 from __future__ import annotations
 
+import array
 import queue
 import socket
 import threading
@@ -91,9 +92,17 @@ def decode_frame(data: bytes | bytearray | memoryview, *, core_side: bool = True
     return (decode_payload if core_side else decode_response)(header, payload)
 
 
-def send_frame(sock, frame: bytes) -> None:
-    """Write one whole frame (sendall retries EINTR and short writes)."""
-    sock.sendall(frame)
+def send_frame(sock, frame: bytes, fds: tuple[int, ...] = ()) -> None:
+    """Write one whole frame (sendall retries EINTR and short writes).
+
+    With `fds`, the first sendmsg carries them (SCM_RIGHTS), so they arrive with the
+    frame's first byte; the rest of the frame follows as plain bytes."""
+    if fds:
+        sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", fds).tobytes())])
+        frame = frame[sent:]
+    if frame:
+        sock.sendall(frame)
 
 
 class FrameSender:
@@ -112,14 +121,14 @@ class FrameSender:
     def broken(self) -> bool:
         return self._broken is not None
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send `frame` whole; raises BrokenPipeError once any send failed part-way."""
         with self._lock:
             if self._broken is not None:
                 raise BrokenPipeError(f"portal stream broken by an earlier failed send: "
                                       f"{self._broken}")
             try:
-                send_frame(self._sock, frame)
+                send_frame(self._sock, frame, fds)
             except BaseException as e:
                 self._broken = e
                 raise
@@ -180,9 +189,15 @@ class PortalClient:
         self.core_version = reply["core_version"]
         return reply
 
+    def attach(self, kind: int, index: int, fd: int, *, timeout: float | None = None) -> None:
+        """ATTACH: hand the core `fd` for `kind` (AttachKind) number `index`.  The core
+        gets its own copy; the caller may close `fd` once this returns."""
+        self.call(Op.ATTACH, timeout=timeout, fds=(fd,), kind=kind, index=index)
+
     def call(self, op: int, *, timeout: float | None = None, cap: bytes | None = None,
-             **fields: Any) -> dict[str, Any]:
-        """Send a request and wait for its reply; return the reply's op fields."""
+             fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
+        """Send a request and wait for its reply; return the reply's op fields.
+        `fds` go with the frame (SCM_RIGHTS): only ATTACH takes one."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("PortalClient.call from the event callback would deadlock")
         spec = OPS.get(op)
@@ -203,7 +218,7 @@ class PortalClient:
             frame = encode_request(spec.number, seq, cap, **fields)
             self._pending[seq] = pending
         try:
-            self._sender.send(frame)
+            self._sender.send(frame, fds)
         except OSError as e:
             self._forget(seq)
             self._shutdown(f"send failed: {e}")

@@ -57,6 +57,7 @@ class Op(enum.IntEnum):
     STOP = 0x07
     QUERY = 0x08
     CONSOLE_INPUT = 0x09
+    ATTACH = 0x0A
     # events
     CONSOLE_OUTPUT = 0x100
     VM_STOPPED = 0x101
@@ -75,6 +76,17 @@ class ImageKind(enum.IntEnum):
     KERNEL = 1
     INITRD = 2
     MANIFEST = 3      # the owner's signed manifest bundle (docs/attestation.md)
+
+
+class AttachKind(enum.IntEnum):
+    """What an fd handed over with ATTACH is for (docs/portal.md)."""
+    BLOCK = 1         # a disk's sealed image or metadata file: the core reads and writes it
+    NET = 2           # a datagram socket the host relays to the owner's gateway
+    SNAPSHOT = 3      # where the next snapshot is written, or a restore is read from
+    MIGRATION = 4     # a migration stream to or from another host
+
+
+MAX_ATTACH_INDEX = 7
 
 
 class EntryMode(enum.IntEnum):
@@ -162,6 +174,9 @@ _SPECS = (
     # bytes for the guest's serial console
     OpSpec(Op.CONSOLE_INPUT, "CONSOLE_INPUT", Kind.REQUEST, CAP_VM,
            (Bytes("data", MAX_CONSOLE_INPUT),)),
+    # hand the core one fd (SCM_RIGHTS, in the same message as the frame)
+    OpSpec(Op.ATTACH, "ATTACH", Kind.REQUEST, CAP_VM,
+           (Enum("kind", U8, AttachKind), U8("index", hi=MAX_ATTACH_INDEX))),
     # bytes the guest wrote to its console
     OpSpec(Op.CONSOLE_OUTPUT, "CONSOLE_OUTPUT", Kind.EVENT, None,
            (Bytes("data", MAX_CONSOLE_OUTPUT),)),

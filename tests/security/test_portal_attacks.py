@@ -179,3 +179,69 @@ def test_connection_from_another_uid_is_refused(core):
         return "connected"
     kind, value = as_uid(64777, attempt, core.handle.socket_path)
     assert kind == "error" and "PermissionError" in value
+
+
+# ---- fds passed with frames (ATTACH) ---------------------------------------------------
+
+def core_fds(core) -> int:
+    return len(__import__("os").listdir(f"/proc/{core.handle.pid}/fd"))
+
+
+def send_with_fds(sock, frame: bytes, n: int) -> None:
+    import array
+    import os
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(n)]
+    try:
+        sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", fds).tobytes())] if fds else [])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def attach_frame(token, kind, index=0):
+    return P.encode_request(P.OP.ATTACH, 5, token, kind=kind, index=index)
+
+
+FD_CASES = [
+    ("fd with a request that takes none", lambda t: P.encode_request(P.OP.QUERY, 5, t), 1,
+     P.STATUS.MALFORMED),
+    ("attach without an fd", lambda t: attach_frame(t, P.AttachKind.SNAPSHOT), 0,
+     P.STATUS.MALFORMED),
+    ("attach with three fds", lambda t: attach_frame(t, P.AttachKind.SNAPSHOT), 3,
+     P.STATUS.MALFORMED),
+    ("attach a disk to a running VM", lambda t: attach_frame(t, P.AttachKind.BLOCK), 1,
+     P.STATUS.WRONG_STATE),
+    ("attach with a forged capability", lambda t: attach_frame(bytes(16), P.AttachKind.SNAPSHOT), 1,
+     P.STATUS.BAD_CAPABILITY),
+]
+
+
+@pytest.mark.parametrize("name,build,nfds,status", FD_CASES, ids=[c[0] for c in FD_CASES])
+def test_fds_passed_outside_attach_are_refused_and_closed(core, name, build, nfds, status):
+    sock = connect(core)
+    try:
+        token = hello(sock)
+        before = core_fds(core)
+        send_with_fds(sock, build(token), nfds)
+        got, message, usable = reply(sock)
+        assert (got, usable) == (status, True), message
+        assert core_fds(core) == before, "the core kept an fd it refused"
+    finally:
+        sock.close()
+    still_running(core)
+
+
+def test_control_attach_keeps_exactly_one_fd(core):
+    """The same frames made well-formed are accepted: one fd kept, a second replaces it."""
+    sock = connect(core)
+    try:
+        token = hello(sock)
+        before = core_fds(core)
+        for _ in range(2):
+            send_with_fds(sock, attach_frame(token, P.AttachKind.SNAPSHOT), 1)
+            assert reply(sock)[0] == P.STATUS.OK
+            assert core_fds(core) == before + 1
+    finally:
+        sock.close()
+    still_running(core)

@@ -24,6 +24,7 @@ REQUESTS = {
                        cmdline="console=ttyS0 greeting=wörld"),
     Op.START: {}, Op.PAUSE: {}, Op.RESUME: {}, Op.STOP: {}, Op.QUERY: {},
     Op.CONSOLE_INPUT: dict(data=b"ls\n"),
+    Op.ATTACH: dict(kind=P.AttachKind.BLOCK, index=1),
 }
 REPLIES = {
     Op.HELLO: dict(core_version=1, vm_token=TOKEN, state=P.VmState.EMPTY),
@@ -174,7 +175,7 @@ def test_over_the_ops_own_maximum_is_too_big_but_not_fatal():
     (frame(Kind.REQUEST, Op.START, version=0), Status.BAD_VERSION),
     (frame(0, Op.START), Status.BAD_KIND),
     (frame(4, Op.START), Status.BAD_KIND),
-    (frame(Kind.REQUEST, 0x0A), Status.UNKNOWN_OP),
+    (frame(Kind.REQUEST, 0x0F), Status.UNKNOWN_OP),
     (frame(Kind.REQUEST, 0), Status.UNKNOWN_OP),
     (frame(Kind.REQUEST, Op.LOG, lp(b"x")), Status.UNKNOWN_OP),       # an event op as a request
     (frame(Kind.REQUEST, Op.START, flags=1), Status.MALFORMED),

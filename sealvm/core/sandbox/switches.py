@@ -35,9 +35,13 @@ DEFENCES: tuple[str, ...] = (
     "mlock",          # lock_memory / lock_all_memory
     "dont_dump",      # madvise(MADV_DONTDUMP)
     "seccomp",        # install_core_filter
+    "net_seal",       # sealing network frames (AEAD): off, they travel in clear, unauthenticated
+    "net_replay",     # the tunnel's replay window: off, a replayed datagram is delivered again
 )
 ENV_DISABLE = "SEALVM_INSECURE_TEST_DISABLE"
 ENV_TEST_MODE = "SEALVM_TEST_MODE"
+ENV_NET_KEY = "SEALVM_TEST_NET_KEY"          # 64 hex digits: the tunnel key without an owner
+ENV_NET_REKEY = "SEALVM_TEST_NET_REKEY"      # rekey after this many messages (default 2**60)
 
 
 def _shout(text: str) -> None:
@@ -88,3 +92,23 @@ def disabled(defence: str) -> bool:
 def disabled_defences() -> frozenset[str]:
     """The defences switched off in this process (empty outside test mode)."""
     return _DISABLED
+
+
+def test_net_key() -> bytes | None:
+    """The tunnel key a test hands a core that has no owner (None outside test mode)."""
+    raw = os.environ.get(ENV_NET_KEY, "")
+    if not raw or os.environ.get(ENV_TEST_MODE) != "1":
+        return None
+    key = bytes.fromhex(raw)
+    if len(key) != 32:
+        raise ValueError(f"{ENV_NET_KEY} must be 64 hex digits")
+    _shout("TEST MODE: the network tunnel uses a key from the environment, not the owner's")
+    return key
+
+
+def test_net_options() -> dict:
+    """Tunnel options for tests (a low rekey limit); empty outside test mode."""
+    raw = os.environ.get(ENV_NET_REKEY, "")
+    if not raw or os.environ.get(ENV_TEST_MODE) != "1":
+        return {}
+    return {"rekey_after_messages": int(raw)}
