@@ -8,7 +8,8 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMPS     := .stamps
 APT_PKGS   := python3 python3-venv python3-dev gcc make binutils libc6-dev linux-libc-dev \
-              qemu-system-x86 hyperfine strace swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
+              qemu-system-x86 hyperfine strace swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config \
+              iproute2 iputils-ping tcpdump
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv guests run test test-fast bench tcb security fuzz clean distclean

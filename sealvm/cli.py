@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--manifest)")
     r.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
                    help="the owner's key broker (default %(default)s)")
+    r.add_argument("--net", metavar="GATEWAY_HOST:PORT",
+                   help="give the guest a virtio-net card whose frames the core seals into a "
+                        "tunnel to the owner's gateway (`sealvm owner gateway`) at this UDP "
+                        "address; this process only relays the sealed datagrams. The tunnel key "
+                        "is the VM's net key, released with --manifest")
     r.add_argument("--bench-sinks", action="store_true", help=argparse.SUPPRESS)
 
     h = sub.add_parser(

@@ -129,7 +129,11 @@ def _run(args) -> int:
     try:
         flags = config_flags(args, memory_mib)
         manifest = manifest_bundle(args)
-    except ValueError as e:
+        relay = None
+        if getattr(args, "net", None):
+            from .netrelay import Relay, parse_address
+            relay = Relay(parse_address(args.net))
+    except (ValueError, OSError) as e:
         return _fail(str(e))
     console_fd = 1
     if args.console_log:
@@ -153,8 +157,10 @@ def _run(args) -> int:
         if problem:
             handle.process.kill()
             return _fail(problem)
-        return _drive(handle, image, manifest, memory_mib, flags, args, console_fd)
+        return _drive(handle, image, manifest, memory_mib, flags, args, console_fd, relay)
     finally:
+        if relay is not None:
+            relay.close()
         if handle is not None:
             try:       # after STOP the core exits by itself; otherwise it never got going
                 handle.process.wait(10 if handle.process.poll() is None and _stopped(handle) else 0)
@@ -191,7 +197,7 @@ def core_exit_reason(handle) -> str:
 
 
 def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags: int, args,
-           console_fd: int) -> int:
+           console_fd: int, relay=None) -> int:
     from .corelink import CoreLink, CoreRefused
     stopped = threading.Event()
     link = CoreLink(handle.vm_id, handle.portal, None,
@@ -204,6 +210,10 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
             link.load_image(image)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
+            if relay is not None:
+                from ..wire.portal_ops import AttachKind
+                link.attach(AttachKind.NET, 0, relay.core_end.fileno())
+                relay.start()
             link.configure(memory_mib, args.vcpus, args.entry,
                            flags, args.cmdline)
             link.start()

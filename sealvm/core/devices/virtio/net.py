@@ -30,7 +30,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from ...net_tunnel import Tunnel
+from ...net_tunnel import Tunnel, self_test
 from .chain import DescriptorChain
 from .device import VirtioDevice
 from .queue import Virtqueue
@@ -72,6 +72,7 @@ class VirtioNet(VirtioDevice):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reported = ""
+        self_test()
 
     @property
     def config(self) -> bytes:
