@@ -49,12 +49,15 @@ def net_key(directory: str | Path, vm: str) -> bytes:
 
 
 class Gateway:
-    def __init__(self, key: bytes, listen: tuple[str, int], *, tap_fd: int,
+    def __init__(self, key: bytes, listen: tuple[str, int] | socket.socket, *, tap_fd: int,
                  tunnel_options: dict | None = None):
-        info = socket.getaddrinfo(listen[0], listen[1], type=socket.SOCK_DGRAM)[0]
-        self.sock = socket.socket(info[0], socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind(info[4])
+        if isinstance(listen, socket.socket):    # already bound (tests: in another namespace)
+            self.sock = listen
+        else:
+            info = socket.getaddrinfo(listen[0], listen[1], type=socket.SOCK_DGRAM)[0]
+            self.sock = socket.socket(info[0], socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self.sock.bind(info[4])
         self.tunnel = Tunnel(key, initiator=False, **(tunnel_options or {}))
         self.tap = tap_fd
         self.peer = None
@@ -114,8 +117,15 @@ class Gateway:
                     os.replace(tmp, stats_path)
                 time.sleep(0.5)
         finally:
-            self._stop.set()
-            self.sock.close()
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 def run(args) -> int:
