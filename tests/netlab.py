@@ -138,8 +138,9 @@ class Capture:
 
 
 def echo(sock: socket.socket, payload: bytes, port: int = 7, timeout: float = 1.0,
-         tries: int = 1) -> list[bytes]:
-    """Send `payload` to the guest's UDP echo port; every reply that arrives in `timeout`."""
+         tries: int = 1, first: bool = False) -> list[bytes]:
+    """Send `payload` to the guest's UDP echo port; every reply that arrives in `timeout`
+    (only the first one with `first`)."""
     sock.settimeout(0.05)
     for _ in range(tries):
         sock.sendto(payload, (GUEST_IP, port))
@@ -148,6 +149,8 @@ def echo(sock: socket.socket, payload: bytes, port: int = 7, timeout: float = 1.
     while time.monotonic() < end:
         try:
             got.append(sock.recv(65536))
+            if first:
+                break
         except TimeoutError:
             continue
     return got
