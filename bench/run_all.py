@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import common as C
 
-MODULES = ["startup", "compute", "firsttouch", "idle", "exits", "memory", "split", "attest"]
+MODULES = ["startup", "compute", "firsttouch", "idle", "exits", "memory", "split", "attest", "net"]
 
 
 def markdown(rows: list[dict], failures: dict, host: dict, elapsed: float) -> str:
