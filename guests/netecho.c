@@ -15,6 +15,8 @@
  *   canary=TEXT    if given: every second, a UDP datagram "CANARY:TEXT" from the
  *                  echo port to peer:7777 (ARP-resolved first)
  *   secs=S         run time in seconds (default 0 = until stopped)
+ *   spin=1         never park on the idle doorbell while waiting (lower latency,
+ *                  one host CPU busy all the time, as under QEMU)
  *
  * Under QEMU (no virtio_mmio.device= word) microvm's transports are probed.
  * Checksums: IPv4 and ICMP computed; UDP sent with checksum 0 (none).
@@ -498,6 +500,7 @@ int main(void)
     const char *canary = param_str("canary", &len);
     u64 canary_len = canary ? len : 0;
     u64 secs = param_u64("secs", 0);
+    bool spin = param_u64("spin", 0) != 0;
     echo_port = param_u64("echo", 7);
     stream_port = param_u64("stream", 9);
     if (!parse_ip("ip", 0x0a4d0002, &my_ip) || !parse_ip("peer", 0x0a4d0001, &peer_ip) ||
@@ -537,7 +540,7 @@ int main(void)
         }
         if (!busy) {
             check_status();
-            if (boot.idle_addr)
+            if (boot.idle_addr && !spin)
                 idle_wait(canary_len ? 200000 : 500000);
             else
                 cpu_relax();

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tunnel to the owner's gateway (`sealvm owner gateway`) at this UDP "
                         "address; this process only relays the sealed datagrams. The tunnel key "
                         "is the VM's net key, released with --manifest")
+    r.add_argument("--net-direct", action="store_true",
+                   help="with --net: hand the core a UDP socket connected to the gateway instead "
+                        "of relaying its datagrams through this process (faster; the host still "
+                        "chooses the destination and sees only sealed datagrams)")
     r.add_argument("--bench-sinks", action="store_true", help=argparse.SUPPRESS)
 
     h = sub.add_parser(

@@ -83,3 +83,26 @@ class Relay:
             except OSError:
                 pass
             s.close()
+
+
+class DirectLink:
+    """The kernel as the relay: the core gets a UDP socket this host connected to the gateway.
+
+    The host still decides where the datagrams go (it made and connected the
+    socket) and still sees only sealed bytes, but no host process copies them:
+    two thread hops fewer per datagram.  No `tamper` hook: use Relay to watch.
+    """
+
+    def __init__(self, gateway: tuple[str, int]):
+        try:
+            info = socket.getaddrinfo(gateway[0], gateway[1], type=socket.SOCK_DGRAM)[0]
+        except socket.gaierror as e:
+            raise ValueError(f"cannot resolve the gateway {gateway[0]}: {e}") from None
+        self.core_end = socket.socket(info[0], socket.SOCK_DGRAM)
+        self.core_end.connect(info[4])
+
+    def start(self) -> "DirectLink":
+        return self
+
+    def close(self) -> None:
+        self.core_end.close()

@@ -131,8 +131,8 @@ def _run(args) -> int:
         manifest = manifest_bundle(args)
         relay = None
         if getattr(args, "net", None):
-            from .netrelay import Relay, parse_address
-            relay = Relay(parse_address(args.net))
+            from .netrelay import DirectLink, Relay, parse_address
+            relay = (DirectLink if args.net_direct else Relay)(parse_address(args.net))
     except (ValueError, OSError) as e:
         return _fail(str(e))
     console_fd = 1

@@ -44,6 +44,7 @@ MAX_FRAME = MTU + 14
 RX_BACKLOG = 256                  # frames held while the guest has no receive buffer
 TX_BACKLOG = 64                   # frames held while no session is up yet
 RX, TX = 0, 1
+VIRTQ_USED_F_NO_NOTIFY = 1
 
 log = logging.getLogger("sealvm.virtio")
 
@@ -131,6 +132,10 @@ class VirtioNet(VirtioDevice):
                 hdr = bytes(10) + (1).to_bytes(2, "little")      # num_buffers = 1
                 queue.add_used(chain.head, chain.write(hdr + frame))
             done += 1
+        if not queue.event_idx:
+            # Receive buffers are only wanted while frames wait: spare the driver's
+            # QueueNotify (and us a worker wake-up) when none do (VIRTIO 1.2 2.7.10).
+            queue._mem.write_u16(queue.used, VIRTQ_USED_F_NO_NOTIFY if not self.rx_frames else 0)
         return done
 
     def has_work(self, queue_index: int) -> bool:
