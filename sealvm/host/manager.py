@@ -62,6 +62,7 @@ class VmManager:
         self._lock = threading.RLock()
         self.records: dict[str, VmRecord] = {}
         self.links: dict[str, CoreLink] = {}
+        self.relays: dict = {}      # vm id -> netrelay.Relay moving its sealed datagrams
 
     # ---- start-up ------------------------------------------------------
     def reattach_all(self) -> None:
@@ -89,15 +90,20 @@ class VmManager:
 
     # ---- lifecycle -------------------------------------------------------
     def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
-               manifest: bytes | None = None) -> VmRecord:
+               manifest: bytes | None = None, net: str | None = None,
+               net_direct: bool = False) -> VmRecord:
         vm_id = new_vm_id(name)
         if entry not in ("pvh", "long"):
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
+        if net:
+            from .netrelay import parse_address
+            gateway = parse_address(net)
         data = read_image(image)
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
-            rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng)
+            rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng,
+                           net or "", bool(net and net_direct))
             self.records[vm_id] = rec
         try:
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib,
@@ -107,6 +113,8 @@ class VmManager:
             link.load_image(data)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
+            if net:
+                self._attach_net(vm_id, link, gateway, net_direct)
             link.configure(memory_mib, vcpus, entry, CONFIG_FLAG_RNG if rng else 0, cmdline)
         except (CoreRefused, OSError) as e:
             rec.state, rec.stop_reason = "failed", str(e)
@@ -169,10 +177,32 @@ class VmManager:
             link.wait_closed(5)
         self._release(vm_id)
 
+    def _attach_net(self, vm_id: str, link: CoreLink, gateway: tuple[str, int],
+                    direct: bool) -> None:
+        """Give the core its network fd: our relay's socketpair end, or a connected UDP socket."""
+        from ..wire.portal_ops import AttachKind
+        from .netrelay import DirectLink, Relay
+        try:
+            relay = (DirectLink if direct else Relay)(gateway)
+        except ValueError as e:
+            raise CoreRefused(str(e)) from None
+        try:
+            link.attach(AttachKind.NET, 0, relay.core_end.fileno())
+        except BaseException:
+            relay.close()
+            raise
+        if direct:
+            relay.close()            # the core has its own copy; nothing here moves datagrams
+        else:
+            self.relays[vm_id] = relay.start()
+
     def _release(self, vm_id: str) -> None:
         link = self.links.pop(vm_id, None)
         if link is not None:
             link.close()
+        relay = self.relays.pop(vm_id, None)
+        if relay is not None:
+            relay.close()
 
     def _set_state(self, rec: VmRecord, state: str) -> None:
         rec.state = state

@@ -108,7 +108,13 @@ def read_manifest_bundle(manifest: str, owner_pub: str | None, broker: str) -> b
         raise ValueError(f"cannot read the owner's manifest or keys: {e}") from None
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt      # SIGTERM stops the VM as Ctrl-C does (else its core lingers)
+
+
 def run_oneshot(args) -> int:
+    import signal
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     except KeyboardInterrupt:     # Ctrl-C at any point: the core has been stopped or killed
