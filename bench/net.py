@@ -1,7 +1,9 @@
 """Network: UDP round-trip latency and UDP stream throughput to the netecho guest.
 
-Same guest (netecho.elf, spin=1: it polls without parking, as it must under
-QEMU, which has no idle doorbell), same two network namespaces joined by a veth pair,
+Same guest (netecho.elf; under sealvm it parks on the idle doorbell while it
+waits and the device wakes it, under QEMU, which has no such doorbell, it
+polls: `spin=1` makes it poll under sealvm too, which costs a host CPU that
+the core's own threads need on a 2-CPU host), same two network namespaces joined by a veth pair,
 the same client in the owner's namespace, three paths side by side in one run:
   * sealvm: `sealvm run --net` in the host namespace (the core seals every
     frame; the host relays datagrams) and `sealvm owner gateway` with a TAP in
@@ -194,7 +196,7 @@ def run_sealvm(lab: Lab, elf, args, owner_dir, direct: bool = False) -> dict:
         lab.wait_link("bntap0")
         lab.lan("bntap0")
         opts = ["--no-rng", "--net", f"{GW_IP}:{PORT}"] + (["--net-direct"] if direct else [])
-        vm = subprocess.Popen(lab.ex(lab.host) + C.sealvm_cmd(elf, *opts, cmdline="spin=1"),
+        vm = subprocess.Popen(lab.ex(lab.host) + C.sealvm_cmd(elf, *opts),
                               cwd=C.SEALVM_ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
         return measure(lab, GUEST, args)
