@@ -45,6 +45,8 @@ REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 REKEY_AFTER_TIME = 120.0
 REJECT_AFTER_TIME = 180.0
+KEEPALIVE_TIMEOUT = 10.0          # responder: answer traffic with a keepalive at least this often
+REHANDSHAKE_TIMEOUT = 15.0        # initiator: sent, heard nothing back this long: handshake again
 _DATA = struct.Struct("<B3xIQ")
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
@@ -167,6 +169,7 @@ class Tunnel:
         self._pending: tuple[int, X25519PrivateKey, _Symmetric] | None = None
         self._last_timestamp = 0
         self.last_init = -1e9
+        self.last_rx = self.last_tx = -1e9   # last authenticated DATA in, last frame out
         self.stats = dict(rx=0, tx=0, keepalive=0, handshakes=0, drop_malformed=0,
                           drop_session=0, drop_replay=0, drop_auth=0, drop_handshake=0,
                           drop_nosession=0)
@@ -213,6 +216,7 @@ class Tunnel:
         local = self._new_index()
         s = Session(local, remote, k_resp, k_init, self._clock())
         self._last_timestamp = ts
+        self.last_tx = self._clock()          # the RESP counts as a sign of life
         if self.next is not None:
             self.sessions.pop(self.next.local, None)
         self.next = s
@@ -236,6 +240,7 @@ class Tunnel:
         k_init, k_resp = sym.split()
         s = Session(local, int.from_bytes(msg[4:8], "little"), k_init, k_resp, self._clock())
         s.confirmed = True
+        self.last_rx = self._clock()
         self._pending = None
         self._install(s)
         self.stats["handshakes"] += 1
@@ -264,6 +269,8 @@ class Tunnel:
             n = s.counter
             s.counter += 1
             self.stats["tx"] += 1
+            if frame:
+                self.last_tx = self._clock()
         hdr = _DATA.pack(MSG_DATA, s.remote, n)
         if not self.seal_frames:
             return hdr + frame
@@ -276,8 +283,11 @@ class Tunnel:
             s = self.current
             if s is None:
                 return now - self.last_init >= 1.0
+            # The gateway answers traffic at least every KEEPALIVE_TIMEOUT; silence after
+            # we sent means it lost the session (restarted): handshake again.
             due = (max(s.counter, s.window.top) >= self.rekey_after_messages
-                   or now - s.created >= self.rekey_after_time)
+                   or now - s.created >= self.rekey_after_time
+                   or self.last_tx - self.last_rx >= REHANDSHAKE_TIMEOUT)
             return due and (self._pending is None or now - self.last_init >= 1.0)
 
     def receive(self, dgram: bytes) -> tuple[bytes | None, bytes | None]:
@@ -285,7 +295,11 @@ class Tunnel:
         t = dgram[0] if dgram else 0
         try:
             if t == MSG_DATA and len(dgram) >= DATA_HDR + (TAG if self.seal_frames else 0):
-                return self._data(dgram), None
+                frame = self._data(dgram)
+                quiet = self._clock() - self.last_tx >= KEEPALIVE_TIMEOUT
+                if not self.initiator and quiet and frame:
+                    return frame, self.seal(b"")   # tell the core we still know its session
+                return frame, None
             if t == MSG_INIT and len(dgram) == INIT_LEN and not self.initiator:
                 with self._lock:
                     return None, self._respond(dgram)
@@ -327,6 +341,7 @@ class Tunnel:
                 self._install(s)
             s.confirmed = True
             self.stats["rx"] += 1
+            self.last_rx = self._clock()
         if not frame:
             self.stats["keepalive"] += 1
             return None

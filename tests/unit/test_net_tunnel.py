@@ -148,3 +148,23 @@ def test_test_switches_turn_off_exactly_one_defence():
 
 def test_self_test_passes():
     self_test()
+
+
+def test_a_gateway_that_lost_the_session_gets_a_new_handshake_and_keepalives_prevent_one():
+    clock = Clock()
+    key = os.urandom(32)
+    core, gw = pair(key, clock=clock)
+    clock.t += 11
+    frame, keepalive = gw.receive(core.seal(b"after a quiet spell"))
+    assert frame == b"after a quiet spell" and keepalive is not None   # passive keepalive
+    core.receive(keepalive)
+    clock.t += 14
+    core.seal(b"more")
+    assert not core.needs_handshake()               # the gateway was heard from recently
+    restarted = Tunnel(key, initiator=False, clock=clock)
+    assert restarted.receive(core.seal(b"lost")) == (None, None)
+    clock.t += 16
+    core.seal(b"still nothing back")
+    assert core.needs_handshake()
+    connect(core, restarted)
+    assert restarted.receive(core.seal(b"back"))[0] == b"back"
