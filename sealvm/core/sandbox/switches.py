@@ -35,6 +35,9 @@ DEFENCES: tuple[str, ...] = (
     "mlock",          # lock_memory / lock_all_memory
     "dont_dump",      # madvise(MADV_DONTDUMP)
     "seccomp",        # install_core_filter
+)
+# Defences of the sealed network (core/net_tunnel.py), switched by the same variable.
+NET_DEFENCES: tuple[str, ...] = (
     "net_seal",       # sealing network frames (AEAD): off, they travel in clear, unauthenticated
     "net_replay",     # the tunnel's replay window: off, a replayed datagram is delivered again
 )
@@ -65,8 +68,9 @@ def parse(environ: dict[str, str] | os._Environ) -> tuple[frozenset[str], frozen
         _shout(f"IGNORING {ENV_DISABLE}={raw!r}: honoured only with {ENV_TEST_MODE}=1; "
                "all defences stay on")
         return frozenset(), frozenset()
-    unknown = frozenset(names - set(DEFENCES))
-    disabled = frozenset(names & set(DEFENCES))
+    known = set(DEFENCES) | set(NET_DEFENCES)
+    unknown = frozenset(names - known)
+    disabled = frozenset(names & known)
     if disabled:
         _shout("INSECURE TEST MODE: these defences are DISABLED: " + ", ".join(sorted(disabled))
                + " -- never run a real guest like this")
@@ -78,11 +82,11 @@ _DISABLED, _UNKNOWN = parse(os.environ)
 
 def disabled(defence: str) -> bool:
     """True when `defence` was switched off for a test (and says so loudly)."""
-    if defence not in DEFENCES:
+    if defence not in DEFENCES + NET_DEFENCES:
         raise ValueError(f"unknown defence {defence!r}")
     if _UNKNOWN:
         raise SandboxError(0, f"{ENV_DISABLE} names unknown defences {sorted(_UNKNOWN)}; "
-                              f"known: {', '.join(DEFENCES)}")
+                              f"known: {', '.join(DEFENCES + NET_DEFENCES)}")
     if defence in _DISABLED:
         _shout(f"INSECURE TEST MODE: skipping defence {defence!r}")
         return True
