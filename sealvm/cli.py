@@ -49,6 +49,15 @@ def _cmdline(text: str) -> str:
     return text
 
 
+def _net_address(text: str) -> str:
+    from .host.netrelay import parse_address
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sealvm",
@@ -98,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--manifest)")
     r.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
                    help="the owner's key broker (default %(default)s)")
-    r.add_argument("--net", metavar="GATEWAY_HOST:PORT",
+    r.add_argument("--net", metavar="GATEWAY_HOST:PORT", type=_net_address,
                    help="give the guest a virtio-net card whose frames the core seals into a "
                         "tunnel to the owner's gateway (`sealvm owner gateway`) at this UDP "
                         "address; this process only relays the sealed datagrams. The tunnel key "
