@@ -19,7 +19,8 @@ from pathlib import Path
 
 from . import common as C
 
-MODULES = ["startup", "compute", "firsttouch", "idle", "exits", "memory", "split", "attest", "net"]
+MODULES = ["startup", "compute", "firsttouch", "idle", "exits", "memory", "split", "attest",
+           "snapshot", "migration", "net"]
 
 
 def markdown(rows: list[dict], failures: dict, host: dict, elapsed: float) -> str:

@@ -89,11 +89,11 @@ def portal_rtt(args, n: int) -> list[float]:
 
 # ---------------------------------------------------------------- the daemon
 class Hostd:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, uid_range: str = "64300-64399"):
         self.sock = str(base / "run" / "hostd.sock")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sealvm.cli", "hostd", f"--state-dir={base / 'state'}",
-             f"--run-dir={base / 'run'}", "--uid-range=64300-64399"],
+             f"--run-dir={base / 'run'}", f"--uid-range={uid_range}"],
             cwd=C.SEALVM_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         import httpx

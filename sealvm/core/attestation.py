@@ -47,11 +47,15 @@ class Attestation:
         self.launched = len(bundle["log"])       # entries the launcher made (and extended)
         self.manifest: dict | None = None
         self.keys: dict[str, bytes] | None = None
+        self.generation = 0                      # the broker's count for this copy of the VM
         self.result = "no attestation (no owner manifest given)"
 
-    def configure(self, blob: bytes, image: bytes, cmdline: str, memory_mib: int, vcpus: int,
-                  entry: str, devices: list[str]) -> None:
-        """Check the owner's manifest bundle; add owner and guest entries to the log."""
+    def configure(self, blob: bytes, image: bytes | None, cmdline: str, memory_mib: int,
+                  vcpus: int, entry: str, devices: list[str], restore: dict | None = None,
+                  migrate_from: int | None = None) -> None:
+        """Check the owner's manifest bundle; add owner and guest entries to the log.  For a
+        restore (image None, `restore` = {"generation", "set"}), the guest is what the
+        snapshot holds: the manifest's own values are measured, with the snapshot named."""
         from ..wire import attest as A
         try:
             m = json.loads(blob)
@@ -61,18 +65,28 @@ class Attestation:
             self.broker = str(m["broker"])
         except (ValueError, KeyError, TypeError) as e:
             raise AttestationFailed(f"owner manifest refused: {e}") from None
-        diffs = A.compare_manifest(manifest, hashlib.sha256(image).digest(), cmdline, memory_mib,
-                                   vcpus, entry, devices)
+        if image is None:        # a restore: the snapshot must hold what the owner signed
+            cmdline, memory_mib, vcpus, entry, devices = (
+                manifest[k] for k in ("cmdline", "memory_mib", "vcpus", "entry", "devices"))
+        digest = (hashlib.sha256(image).digest() if image is not None
+                  else bytes.fromhex(manifest["image_sha256"]))
+        diffs = A.compare_manifest(manifest, digest, cmdline, memory_mib, vcpus, entry, devices)
         if diffs:
             raise AttestationFailed("the guest differs from the owner's signed manifest: "
                                     + "; ".join(diffs))
         self.manifest, self.owner_wrap = manifest, owner_wrap
         self.bundle["log"] += [A.core_config_entry(CORE_VERSION, owner_wrap),
-                               *A.guest_entries(hashlib.sha256(image).digest(), cmdline,
-                                                memory_mib, vcpus, entry, devices)]
+                               *A.guest_entries(digest, cmdline, memory_mib, vcpus, entry,
+                                                devices)]
+        if restore is not None:
+            self.bundle["log"].append(A.restore_entry(restore["generation"], restore["set"]))
+        if migrate_from is not None:
+            self.bundle["log"].append(A.migrate_in_entry(migrate_from))
 
     def release(self) -> None:
         """Run the broker round through the preboot stage; keep the opened keys."""
+        if self.keys is not None:
+            return
         if self.manifest is None:
             self._dismiss()
             return
@@ -106,14 +120,14 @@ class Attestation:
                 raise AttestationFailed(f"the owner's broker released no keys: {answer['error']}")
             payload = A.unwrap_keys(bytes.fromhex(answer["wrapped"]), bytes.fromhex(answer["salt"]),
                                     eph, nonce, self.owner_wrap)
-            self.keys = A.parse_vm_keys(payload)
+            self.keys, self.generation = A.parse_release(payload)
         except (channel.ChannelError, KeyError, ValueError) as e:
             raise AttestationFailed(f"attestation failed: {e}") from None
         finally:
             self._close()
         root = root["kind"]
         self.result = (f"attested to {self.broker} ({root} root); keys released: "
-                       f"{', '.join(sorted(self.keys))}")
+                       f"{', '.join(sorted(self.keys))}; generation {self.generation}")
 
     def _dismiss(self) -> None:
         if self.preboot is not None:

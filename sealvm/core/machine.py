@@ -51,6 +51,7 @@ class MachineConfig:
     ram: RamOptions = RamOptions()   # pre-faulting / huge pages for guest RAM (off)
     kvm_fd: int | None = None        # an open /dev/kvm handed over by the launcher
     restore: object | None = None    # a vmstate.Restore: build() restores it, ignores `image`
+    ram_filled: object | None = None  # a GuestMemory received already (migration target)
     # fds the host attached for devices, (AttachKind, index) -> fd; the machine owns them
     attached: dict = field(default_factory=dict)
     net_key: Callable[[], bytes] | None = None   # the tunnel key, asked for at start
@@ -100,8 +101,8 @@ class Machine:
         except OSError as e:
             raise MachineError(f"cannot open /dev/kvm: {e.strerror}") from None
         self.vm = self.kvm.create_vm()
-        self.memory = GuestMemory.create(cfg.memory, prefault=cfg.ram.prefault,
-                                         hugepages=cfg.ram.hugepages)
+        self.memory = cfg.ram_filled or GuestMemory.create(cfg.memory, prefault=cfg.ram.prefault,
+                                                           hugepages=cfg.ram.hugepages)
         base = self.memory.host_address()
         for slot, region in enumerate(self.memory.regions):
             # SAFETY: userspace_addr+offset..+size lies inside our own mapping of the memfd.

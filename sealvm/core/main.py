@@ -127,6 +127,10 @@ class Dispatcher:
             P.OP.QUERY: lambda f: s.query(),
             P.OP.CONSOLE_INPUT: lambda f: s.console_input(f["data"]),
             P.OP.ATTACH: lambda f: None,          # done in handle(): it needs the fd
+            P.OP.SNAPSHOT: lambda f: s.snapshot(f["receipt"]),
+            P.OP.RESTORE: lambda f: s.restore(f["receipt"]),
+            P.OP.MIGRATE_OUT: lambda f: s.migrate_out(f["receipt"]),
+            P.OP.MIGRATE_IN: lambda f: s.migrate_in(f["receipt"]),
         }
 
     def serve(self, sock: socket.socket) -> None:

@@ -10,8 +10,10 @@ offsets and counts are re-checked even where the wire decoder already did.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
+import socket
 import threading
 from collections import deque
 from typing import Callable
@@ -38,6 +40,8 @@ MAX_IMAGE = 1 << 30
 MAX_MANIFEST = 1 << 20
 CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
+PROGRESS_STEP = 64 << 20
+MIGRATION_TIMEOUT = 60.0
 ENTRY_MODES = {1: "pvh", 2: "long"}
 ATTACH_BLOCK, ATTACH_NET = AttachKind.BLOCK, AttachKind.NET
 ATTACH_NAMES = {k: k.name.lower() for k in AttachKind}
@@ -72,6 +76,10 @@ class VmService:
         self.attestation = attestation
         self.machine: Machine | None = None
         self.attached: dict[tuple[int, int], int] = {}   # (AttachKind, index) -> fd
+        self.config: dict | None = None       # what CONFIGURE (or a snapshot) set up
+        self._ticket: bytes | None = None     # a sealed snapshot waiting for its receipt
+        self._progress_sent = 0
+        self._migrated = False                # sent away: no resume without a receipt
         self.exit_status = -1
         self.stop_reason = ""
         self._console_backlog: deque[bytes] = deque()
@@ -148,7 +156,6 @@ class VmService:
             if entry not in ENTRY_MODES or flags & ~KNOWN_FLAGS or (
                     flags & FLAG_THP and flags & FLAG_HUGETLB):
                 raise Refused("OUT_OF_RANGE", "unknown entry mode or flags")
-            huge = "thp" if flags & FLAG_THP else "hugetlb" if flags & FLAG_HUGETLB else None
             devices = ["rng"] if flags & FLAG_RNG else []
             devices += [DEVICE_OF_ATTACH[k] for k, i in self.attached if k in DEVICE_OF_ATTACH
                         and i == 0]
@@ -161,27 +168,211 @@ class VmService:
                                                devices)
                 except AttestationFailed as e:
                     raise Refused("FAILED", str(e)) from None
-            net = self._net_config(devices)
-            cfg = MachineConfig(image=bytes(image), memory=memory_mib * MiB, vcpus=vcpus,
-                                cmdline=cmdline, entry=ENTRY_MODES[entry],
-                                rng=bool(flags & FLAG_RNG), kvm_fd=self.kvm_fd,
-                                bench_sinks=bool(flags & FLAG_BENCH_SINKS),
-                                ram=RamOptions(bool(flags & FLAG_PREFAULT), huge),
-                                attached={k: self.attached.pop(k) for k in list(self.attached)
-                                          if k[0] in DEVICE_OF_ATTACH}, **net)
-            machine = Machine(cfg, self._console, on_stopped=self._stopped)
-            try:
-                machine.build()
-                self._harden_memory(machine)
-            except (MachineError, BootError, MemoryConfigError) as e:
-                machine.close()
-                raise Refused("FAILED", str(e)) from None
-            except OSError as e:   # includes SandboxError (cannot protect guest RAM)
-                machine.close()
-                raise Refused("FAILED", f"cannot build the VM: {e}") from None
-            self.machine = machine
+            self.config = dict(memory_mib=memory_mib, vcpus=vcpus, entry=ENTRY_MODES[entry],
+                               flags=flags, cmdline=cmdline, devices=sorted(devices))
+            self.machine = self._build(self.config, bytes(image))
             self.blobs.clear()
             self.state = CONFIGURED
+
+    def _build(self, c: dict, image: bytes, restore=None, memory=None) -> Machine:
+        huge = ("thp" if c["flags"] & FLAG_THP else "hugetlb" if c["flags"] & FLAG_HUGETLB
+                else None)
+        cfg = MachineConfig(image=image, memory=c["memory_mib"] * MiB, vcpus=c["vcpus"],
+                            cmdline=c["cmdline"], entry=c["entry"],
+                            rng=bool(c["flags"] & FLAG_RNG), kvm_fd=self.kvm_fd,
+                            bench_sinks=bool(c["flags"] & FLAG_BENCH_SINKS),
+                            ram=RamOptions(bool(c["flags"] & FLAG_PREFAULT), huge),
+                            attached={k: self.attached.pop(k) for k in list(self.attached)
+                                      if k[0] in DEVICE_OF_ATTACH}, restore=restore,
+                            ram_filled=memory, **self._net_config(c["devices"]))
+        machine = Machine(cfg, self._console, on_stopped=self._stopped)
+        try:
+            machine.build()
+            self._harden_memory(machine)
+        except (MachineError, BootError, MemoryConfigError) as e:
+            machine.close()
+            raise Refused("FAILED", str(e)) from None
+        except OSError as e:   # includes SandboxError (cannot protect guest RAM)
+            machine.close()
+            raise Refused("FAILED", f"cannot build the VM: {e}") from None
+        return machine
+
+    # ---- snapshots (docs/snapshots.md) -----------------------------------
+    def _snapshot_key(self) -> bytes:
+        att = self.attestation
+        if att is None or att.keys is None:
+            raise Refused("FAILED", "snapshots need an attested VM: the snapshot key comes "
+                                    "from the owner's broker")
+        return att.keys["snapshot"]
+
+    def _progress(self, done: int, total: int) -> None:
+        if done == total or done - self._progress_sent >= PROGRESS_STEP:
+            self._progress_sent = done
+            self._emit("PROGRESS", {"done": done, "total": total})
+
+    def _commit(self, key: bytes, receipt: bytes) -> dict:
+        """The broker's receipt for the outstanding ticket: this copy is now the newest."""
+        from ..wire import attest as A
+        if self._ticket is None:
+            raise Refused("WRONG_STATE", "no ticket is waiting for a receipt")
+        try:
+            self.attestation.generation = A.check_receipt(key, receipt, self._ticket)
+        except (A.AttestError, ValueError) as e:
+            raise Refused("FAILED", f"receipt refused: {e}") from None
+        self._ticket = None
+        return dict(ticket=b"", generation=self.attestation.generation, bytes=0)
+
+    def _new_ticket(self, key: bytes, set_id: bytes) -> bytes:
+        from ..wire import attest as A
+        att = self.attestation
+        self._ticket = A.advance_ticket(key, att.manifest["name"], att.generation, set_id,
+                                        os.urandom(16))
+        return self._ticket
+
+    def snapshot(self, receipt: bytes) -> dict:
+        """Seal the VM to the attached SNAPSHOT fd as generation+1 (the VM stays paused) and
+        answer the broker ticket; with the broker's receipt, that snapshot is the newest."""
+        with self._lock:
+            self._need(RUNNING, PAUSED)
+            key, att = self._snapshot_key(), self.attestation
+            if receipt:
+                return self._commit(key, receipt)
+            fd = self.take_attached(AttachKind.SNAPSHOT, 0)
+            from . import snapshot as S
+            from .vmstate import VmStateError
+            try:
+                if self.state == RUNNING:
+                    self.machine.pause()
+                    self.state = PAUSED
+                self._progress_sent = 0
+                set_id, size = S.save(self.machine, fd, key, att.manifest["name"],
+                                      att.generation + 1, self.config, self._progress)
+            except (OSError, VmStateError) as e:
+                raise Refused("FAILED", f"snapshot not written: {e}") from None
+            finally:
+                os.close(fd)
+            return dict(ticket=self._new_ticket(key, set_id), generation=att.generation + 1,
+                        bytes=size)
+
+    def restore(self, receipt: bytes) -> dict:
+        """Rebuild the VM from the attached snapshot: attest naming it (the broker releases
+        keys only for the newest snapshot), open and check all of it, answer a ticket; the
+        VM may start once the broker's receipt makes this copy the newest."""
+        with self._lock:
+            if receipt:
+                self._need(CONFIGURED)
+                return self._commit(self._snapshot_key(), receipt)
+            self._need(EMPTY)
+            manifest, att = self.blobs.get(3), self.attestation
+            if manifest is None or len(manifest[0]) != manifest[1] or att is None:
+                raise Refused("WRONG_STATE", "a restore needs an attested core and the owner's "
+                                             "manifest (LOAD_IMAGE kind 3)")
+            from . import snapshot as S
+            fd = self.take_attached(AttachKind.SNAPSHOT, 0)
+            try:
+                reader = S.Reader(fd)
+                h = reader.header
+                att.configure(bytes(manifest[0]), None, "", 0, 0, "", [],
+                              restore={"generation": h.generation, "set": h.set_id})
+                att.release()
+                self._emit("LOG", {"level": 20, "message": clip("attestation: " + att.result)})
+                self._progress_sent = 0
+                self.machine = S.load(reader, att.keys["snapshot"], att.manifest["name"],
+                                      h.generation, self._restored, self._progress)
+            except (S.SnapshotError, AttestationFailed, OSError) as e:
+                raise Refused("FAILED", f"restore refused: {e}") from None
+            finally:
+                os.close(fd)
+            self.blobs.clear()
+            self.state = CONFIGURED
+            return dict(ticket=self._new_ticket(att.keys["snapshot"], os.urandom(16)),
+                        generation=att.generation + 1, bytes=reader.size)
+
+    def _restored(self, config: dict, state: dict, memory=None) -> Machine:
+        from .vmstate import Restore
+        m = self.attestation.manifest
+        if any(config.get(k) != m[k] for k in ("memory_mib", "vcpus", "entry", "cmdline",
+                                               "devices")):
+            raise Refused("FAILED", "the VM's configuration is not the signed manifest's")
+        self.config = config
+        return self._build(config, b"", Restore(state, None, paused=False), memory)
+
+    # ---- live migration (docs/migration.md) ------------------------------
+    def migrate_out(self, receipt: bytes) -> dict:
+        """Send the VM over the attached MIGRATION stream; it ends paused here, and may
+        resume only with the broker's receipt for the ticket (the target never took over)."""
+        from . import migration as MG
+        from ..wire.sealed import SealError
+        with self._lock:
+            key, att = self._snapshot_key(), self.attestation
+            if receipt:
+                self._need(PAUSED)
+                done = self._commit(key, receipt)
+                self._migrated = False
+                self.machine.resume()
+                self.state = RUNNING
+                return dict(done, report="")
+            self._need(RUNNING, PAUSED)
+            sock = socket.socket(fileno=self.take_attached(AttachKind.MIGRATION, 0))
+            was_running = self.state == RUNNING
+            try:
+                sock.settimeout(MIGRATION_TIMEOUT)
+                self._progress_sent = 0
+                report = MG.Source(self.machine, sock, key, att.manifest["name"],
+                                   att.generation, self.config, self._progress).run()
+            except (OSError, MG.MigrationError, SealError, ValueError) as e:
+                if was_running:     # the stream never ended: the target cannot take over
+                    self.machine.resume()
+                raise Refused("FAILED", f"migration failed, the VM stays here: {e}") from None
+            finally:
+                sock.close()
+            self.state, self._migrated = PAUSED, True
+            return dict(ticket=self._new_ticket(key, os.urandom(16)),
+                        generation=att.generation + 1, bytes=report["bytes"],
+                        report=json.dumps(report))
+
+    def migrate_in(self, receipt: bytes) -> dict:
+        """Attest as the target, take the VM from the attached MIGRATION stream, answer
+        the ticket; the VM starts once the broker's receipt makes this copy the newest."""
+        from . import migration as MG
+        from .memory import GuestMemory
+        from ..wire.sealed import SealError
+        with self._lock:
+            if receipt:
+                self._need(CONFIGURED)
+                return self._commit(self._snapshot_key(), receipt)
+            self._need(EMPTY)
+            manifest, att = self.blobs.get(3), self.attestation
+            if manifest is None or len(manifest[0]) != manifest[1] or att is None:
+                raise Refused("WRONG_STATE", "a migration target needs an attested core and "
+                                             "the owner's manifest (LOAD_IMAGE kind 3)")
+
+            def attest(vm: str, generation: int) -> bytes:
+                att.configure(bytes(manifest[0]), None, "", 0, 0, "", [],
+                              migrate_from=generation)
+                if att.manifest["name"] != vm:
+                    raise MG.MigrationError(f"the stream carries VM {vm!r}, not "
+                                            f"{att.manifest['name']!r}")
+                att.release()
+                return att.keys["snapshot"]
+
+            sock = socket.socket(fileno=self.take_attached(AttachKind.MIGRATION, 0))
+            try:
+                sock.settimeout(MIGRATION_TIMEOUT)
+                self._progress_sent = 0
+                self.machine, _ = MG.receive(
+                    sock, attest, lambda: GuestMemory.create(att.manifest["memory_mib"] * MiB),
+                    self._restored, self._progress)
+            except (OSError, MG.MigrationError, SealError, AttestationFailed, ValueError,
+                    KeyError) as e:
+                kind = f" ({e.kind})" if isinstance(e, SealError) else ""
+                raise Refused("FAILED", f"migration refused{kind}: {e}") from None
+            finally:
+                sock.close()
+            self.blobs.clear()
+            self.state = CONFIGURED
+            return dict(ticket=self._new_ticket(att.keys["snapshot"], os.urandom(16)),
+                        generation=att.generation + 1, bytes=0)
 
     def _net_config(self, devices: list[str]) -> dict:
         """The network tunnel's key source: the owner's attested key, or a test key."""
@@ -207,6 +398,9 @@ class VmService:
     def start(self) -> None:
         with self._lock:
             self._need(CONFIGURED)
+            if self._ticket is not None:
+                raise Refused("WRONG_STATE", "a restored VM starts only once the owner's "
+                                             "broker made it the newest copy (RESTORE receipt)")
             if self.attestation is not None:
                 try:     # before the guest's first instruction and before seccomp
                     self.attestation.release()
@@ -217,6 +411,8 @@ class VmService:
                     "attestation: " + self.attestation.result)})
                 if self.machine.net is not None and "net" not in (self.attestation.keys or {}):
                     raise Refused("FAILED", "the owner's broker released no net key")
+            if self.attestation is not None and self.attestation.keys is not None:
+                from . import migration, snapshot  # noqa: F401  (no imports after seccomp)
             self._before_start()
             self.state = RUNNING
             self.machine.start()
@@ -243,6 +439,9 @@ class VmService:
     def resume(self) -> None:
         with self._lock:
             self._need(PAUSED)
+            if self._migrated:
+                raise Refused("WRONG_STATE", "this VM was migrated away: it resumes here only "
+                                             "with the owner's broker's receipt (MIGRATE_OUT)")
             self.machine.resume()
             self.state = RUNNING
 

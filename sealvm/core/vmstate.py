@@ -49,9 +49,10 @@ class VmStateError(ValueError):
 
 @dataclass(frozen=True)
 class Restore:
-    """What `MachineConfig.restore` takes: a state dict and the guest RAM, in RAM-region order."""
+    """What `MachineConfig.restore` takes: a state dict and the guest RAM, in RAM-region order
+    (None: the caller writes RAM itself after build())."""
     state: dict
-    memory: bytes
+    memory: bytes | None
     paused: bool = True
 
 
@@ -164,15 +165,17 @@ def finish_restore(machine, restore: Restore) -> None:
         check_state(st)
     except VmStateError as e:
         raise MachineError(f"cannot restore: {e}") from None
-    if st["memory"] != mem.size or len(restore.memory) != mem.size:
+    got = mem.size if restore.memory is None else len(restore.memory)
+    if st["memory"] != mem.size or got != mem.size:
         raise MachineError(f"cannot restore: the state is for {st['memory']} bytes of RAM and "
-                           f"{len(restore.memory)} came, the machine has {mem.size}")
+                           f"{got} came, the machine has {mem.size}")
     if len(st["vcpus"]) != cfg.vcpus:
         raise MachineError(f"cannot restore: the state has {len(st['vcpus'])} vCPUs, "
                            f"the machine {cfg.vcpus}")
-    view = memoryview(restore.memory)
-    for r in mem.regions:
-        mem.write(r.gpa, view[int(r.offset):int(r.offset) + r.size])
+    if restore.memory is not None:       # else the caller fills RAM (a streamed snapshot)
+        view = memoryview(restore.memory)
+        for r in mem.regions:
+            mem.write(r.gpa, view[int(r.offset):int(r.offset) + r.size])
     devstate.restore_devices(machine, st["devices"])
     cpuid = machine.kvm.supported_cpuid()
     for i, rec in enumerate(st["vcpus"]):

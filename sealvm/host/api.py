@@ -55,6 +55,39 @@ class VmView(BaseModel):
     exit_status: int | None
     stop_reason: str
     created: float
+    broker: str = ""
+    generation: int = 0
+
+
+class SnapshotSpec(BaseModel):
+    path: str | None = Field(default=None, description="where the daemon writes the sealed "
+                             "snapshot (default: its state directory)")
+    resume: bool = Field(default=True, description="resume the VM afterwards if it was running")
+
+
+class IncomingSpec(BaseModel):
+    name: str | None = Field(default=None, description="VM id here")
+    manifest: str = Field(description="the owner's signed manifest directory")
+    owner_pub: str | None = None
+    broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
+    listen: str = Field(default="127.0.0.1", description="address the stream is taken on")
+
+
+class MigrateSpec(BaseModel):
+    to: str = Field(description="HOST:PORT of the target (from POST /v1/incoming there)")
+
+
+class FinishSpec(BaseModel):
+    taken_over: bool = Field(description="whether the target VM runs (then stop here)")
+
+
+class RestoreSpec(BaseModel):
+    snapshot: str = Field(description="the sealed snapshot file")
+    name: str | None = Field(default=None, description="VM id for the restored VM")
+    manifest: str = Field(description="the owner's signed manifest directory")
+    owner_pub: str | None = None
+    broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
+    start: bool = Field(default=True, description="run the restored VM right away")
 
 
 def _errors(fn):
@@ -91,12 +124,57 @@ def build_app(manager: VmManager) -> FastAPI:
                 from .oneshot import read_manifest_bundle
                 bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
             rec = manager.create(spec.name, spec.image, spec.memory_mib, spec.vcpus, spec.cmdline,
-                                 spec.entry, spec.rng, bundle, net=spec.net,
-                                 net_direct=spec.net_direct)
+                                 spec.entry, spec.rng, bundle, spec.broker if bundle else "",
+                                 net=spec.net, net_direct=spec.net_direct)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()
         return _errors(go)
+
+    @app.post("/v1/vms/{vm_id}/snapshot")
+    def snapshot_vm(vm_id: str, spec: SnapshotSpec = Body(default_factory=SnapshotSpec)) -> dict:
+        """Seal the VM to a file (the daemon never holds the key); the owner's broker
+        makes it the newest generation.  Progress: GET /v1/vms/{vm_id}/progress."""
+        return _errors(lambda: manager.snapshot(vm_id, spec.path, spec.resume))
+
+    @app.post("/v1/restore", response_model=VmView, status_code=201)
+    def restore_vm(spec: RestoreSpec):
+        """A new VM from a sealed snapshot; its core attests to the owner's broker, which
+        releases the key only for the VM's newest snapshot."""
+        def go():
+            from .oneshot import read_manifest_bundle
+            bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
+            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker)
+            if spec.start:
+                rec = manager.start(rec.id)
+            return rec.public()
+        return _errors(go)
+
+    @app.post("/v1/incoming", status_code=201)
+    def incoming(spec: IncomingSpec) -> dict:
+        """A core ready to take a migrating VM; {"id", "port"} for the source's stream."""
+        def go():
+            from .oneshot import read_manifest_bundle
+            bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
+            return manager.incoming(spec.name, bundle, spec.broker, spec.listen)
+        return _errors(go)
+
+    @app.post("/v1/vms/{vm_id}/migrate")
+    def migrate_vm(vm_id: str, spec: MigrateSpec) -> dict:
+        """Stream the VM to a target core; the report: rounds, pages, bytes, stop phase."""
+        return _errors(lambda: manager.migrate(vm_id, spec.to))
+
+    @app.post("/v1/vms/{vm_id}/migrate/finish", response_model=VmView)
+    def migrate_finish(vm_id: str, spec: FinishSpec):
+        """Stop here once the target took over, or resume here if it never did."""
+        return _errors(lambda: manager.migrate_finish(vm_id, spec.taken_over).public())
+
+    @app.get("/v1/vms/{vm_id}/progress")
+    def progress(vm_id: str) -> dict:
+        """{"done", "total"} bytes of the snapshot or restore under way (or the last one),
+        and the phases of the VM's restore in seconds once it is done."""
+        done, total = manager.progress.get(vm_id, (0, 0))
+        return {"done": done, "total": total, "restore": manager.timings.get(vm_id)}
 
     @app.get("/v1/vms/{vm_id}", response_model=VmView)
     def get_vm(vm_id: str):

@@ -41,6 +41,45 @@ def add_parser(sub, parse_size) -> None:
                          ("logs", "the VM's lifecycle and core log")):
         vs.add_parser(action, help=text).add_argument("vm")
     vs.add_parser("list", help="list VMs")
+    sn = vs.add_parser("snapshot", help="seal the VM into a snapshot file the host cannot read",
+                       description="The VM's core seals its memory, vCPU and device state under "
+                       "the owner's snapshot key; the owner's broker makes it the VM's newest "
+                       "generation, so no older snapshot can be restored again.")
+    sn.add_argument("vm")
+    sn.add_argument("--output", "-o", metavar="FILE", help="snapshot file the daemon writes "
+                    "(default: in the daemon's state directory)")
+    sn.add_argument("--leave-paused", action="store_true", help="do not resume the VM after")
+    mg = vs.add_parser("migrate", help="move a running VM to another host's daemon",
+                       description="The target host's daemon starts a core that attests to the "
+                       "owner's broker as this VM's migration target; the two cores prove to "
+                       "each other that the broker released them the VM's key, agree a session "
+                       "key, and the VM's memory and state go over TCP sealed (pre-copy rounds "
+                       "with dirty logging, then a short stop). The target runs the VM only once "
+                       "the broker makes it the newest copy; this copy is then stopped. If "
+                       "anything fails first, the VM goes on running here.")
+    mg.add_argument("vm")
+    mg.add_argument("--to", metavar="SOCKET", required=True,
+                    help="the target host daemon's API socket")
+    mg.add_argument("--address", default="127.0.0.1",
+                    help="address of the target host the stream goes to (default %(default)s)")
+    mg.add_argument("--manifest", metavar="DIR", required=True,
+                    help="the owner's signed manifest directory (read by the target daemon)")
+    mg.add_argument("--owner-pub", metavar="FILE", help="the owner's owner.pub.json")
+    mg.add_argument("--broker", metavar="URL", help="the owner's key broker as the target "
+                    "reaches it (default: the VM's broker here)")
+    mg.add_argument("--name", help="VM id on the target (default: the same)")
+    rs = vs.add_parser("restore", help="a new VM from a sealed snapshot",
+                       description="A new core attests to the owner's broker as the restorer "
+                       "of SNAPSHOT; the broker releases the key only for the VM's newest "
+                       "snapshot, then the core checks every chunk while it loads it.")
+    rs.add_argument("snapshot", help="the sealed snapshot file (readable by the daemon)")
+    rs.add_argument("--manifest", metavar="DIR", required=True,
+                    help="the owner's signed manifest directory")
+    rs.add_argument("--owner-pub", metavar="FILE", help="the owner's owner.pub.json")
+    rs.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
+                    help="the owner's key broker (default %(default)s)")
+    rs.add_argument("--name", help="VM id of the restored VM; generated if absent")
+    rs.add_argument("--paused", action="store_true", help="restore without starting it")
     con = vs.add_parser("console", help="print the VM's console (--follow to stream it)")
     con.add_argument("vm")
     con.add_argument("--follow", "-f", action="store_true")
@@ -61,6 +100,65 @@ def _check(r) -> None:
         except ValueError:
             detail = r.text
         raise SystemExit(f"sealvm: {detail}")
+
+
+def _with_progress(http, vm: str, what: str, request):
+    """Run `request()` while a progress line for `vm` is drawn on stderr (when a tty)."""
+    import threading
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(r=request()), daemon=True)
+    t.start()
+    tty = sys.stderr.isatty()
+    while t.is_alive():
+        t.join(0.2)
+        if tty and t.is_alive():
+            try:
+                p = http.get(f"/v1/vms/{vm}/progress").json()
+            except Exception:
+                continue
+            if p.get("total"):
+                pct = 100 * p["done"] // p["total"]
+                bar = "#" * (pct // 4)
+                sys.stderr.write(f"\r{what} [{bar:<25}] {pct:3d}% {p['done'] >> 20}/"
+                                 f"{p['total'] >> 20} MiB")
+                sys.stderr.flush()
+    if tty:
+        sys.stderr.write("\r\033[K")
+    return out["r"]
+
+
+def _migrate(http, args) -> int:
+    """Drive both daemons: incoming core there, the stream from here, then finish here."""
+    import time
+    rec = http.get(f"/v1/vms/{args.vm}")
+    _check(rec)
+    broker = args.broker or rec.json()["broker"]
+    name = args.name or args.vm
+    with _client(args.to) as target:
+        r = target.post("/v1/incoming", json=dict(
+            name=name, manifest=os.path.abspath(args.manifest), broker=broker,
+            owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
+            listen=args.address))
+        _check(r)
+        port = r.json()["port"]
+        r = _with_progress(http, args.vm, "migrating", lambda: http.post(
+            f"/v1/vms/{args.vm}/migrate", json={"to": f"{args.address}:{port}"}))
+        if r.status_code >= 400:
+            target.delete(f"/v1/vms/{name}")
+            _check(r)
+        report = r.json()
+        deadline, state = time.monotonic() + 120, "incoming"
+        while state in ("incoming", "configured") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = target.get(f"/v1/vms/{name}").json()["state"]
+        taken = state == "running"
+        r = http.post(f"/v1/vms/{args.vm}/migrate/finish", json={"taken_over": taken})
+        _check(r)
+    print(f"{args.vm}: {'now runs on the target as ' + name if taken else 'stays here'} "
+          f"({r.json()['state']} here); rounds {report['rounds']}, pages {report['pages']}, "
+          f"{report['bytes'] >> 20} MiB sent, stop phase {report['stop_ms']} ms "
+          f"({report['stop_pages']} pages), total {report['total_s']:.2f} s")
+    return 0 if taken else 1
 
 
 def run(args) -> int:
@@ -88,6 +186,28 @@ def run(args) -> int:
             r = http.post(f"/v1/vms/{args.vm}/{cmd}")
             _check(r)
             print(f"{args.vm}: {r.json()['state']}")
+        elif cmd == "snapshot":
+            body = dict(path=os.path.abspath(args.output) if args.output else None,
+                        resume=not args.leave_paused)
+            r = _with_progress(http, args.vm, "sealing", lambda: http.post(
+                f"/v1/vms/{args.vm}/snapshot", json=body))
+            _check(r)
+            v = r.json()
+            print(f"{v['snapshot']}  generation {v['generation']}  {v['bytes'] >> 20} MiB")
+        elif cmd == "migrate":
+            return _migrate(http, args)
+        elif cmd == "restore":
+            import secrets
+            name = args.name or f"restored-{secrets.token_hex(3)}"
+            body = dict(snapshot=os.path.abspath(args.snapshot), name=name,
+                        manifest=os.path.abspath(args.manifest),
+                        owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
+                        broker=args.broker, start=not args.paused)
+            r = _with_progress(http, name, "restoring", lambda: http.post("/v1/restore",
+                                                                           json=body))
+            _check(r)
+            v = r.json()
+            print(f"{v['id']}  {v['state']}  generation {v['generation']}")
         elif cmd == "delete":
             _check(http.delete(f"/v1/vms/{args.vm}"))
         elif cmd == "show":

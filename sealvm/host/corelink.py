@@ -40,7 +40,8 @@ class CoreLink:
     def __init__(self, vm_id: str, sock: socket.socket, console_log: Path | None,
                  on_stopped: Callable[[str, int, str], None] | None = None,
                  on_console: Callable[[bytes], None] | None = None,
-                 on_log: Callable[[int, str], None] | None = None):
+                 on_log: Callable[[int, str], None] | None = None,
+                 on_progress: Callable[[str, int, int], None] | None = None):
         self.vm_id = vm_id
         self.console_path = console_log
         self._console = self._core_log = None
@@ -50,6 +51,7 @@ class CoreLink:
         self._on_stopped = on_stopped
         self._on_console = on_console
         self._on_log = on_log
+        self._on_progress = on_progress
         self._closed = threading.Event()
         self.stopped: tuple[int, str] | None = None
         self.client = PortalClient(sock, on_event=self._event)
@@ -69,6 +71,9 @@ class CoreLink:
             self.stopped = (f["exit_status"], f["reason"])
             if self._on_stopped is not None:
                 self._on_stopped(self.vm_id, f["exit_status"], f["reason"])
+        elif op == P.EVENTS["PROGRESS"]:
+            if self._on_progress is not None:
+                self._on_progress(self.vm_id, f["done"], f["total"])
         elif op == P.EVENTS["LOG"]:
             if self._on_log is not None:
                 self._on_log(int(f["level"]), f["message"])
@@ -123,6 +128,26 @@ class CoreLink:
 
     def console_input(self, data: bytes) -> None:
         self._call(Op.CONSOLE_INPUT, data=data)
+
+    def snapshot(self, receipt: bytes = b"") -> dict:
+        """Empty receipt: the core seals the VM to the attached SNAPSHOT fd and answers a
+        ticket for the owner's broker; with the broker's receipt the snapshot is committed."""
+        return self._call(Op.SNAPSHOT, timeout=3600, receipt=receipt)
+
+    def restore(self, receipt: bytes = b"") -> dict:
+        """Empty receipt: the core attests naming the attached snapshot, rebuilds the VM
+        from it and answers a ticket; with the broker's receipt the VM may start."""
+        return self._call(Op.RESTORE, timeout=3600, receipt=receipt)
+
+    def migrate_out(self, receipt: bytes = b"") -> dict:
+        """Empty receipt: send the VM over the attached MIGRATION stream; with the broker's
+        receipt (the target never took over): resume here."""
+        return self._call(Op.MIGRATE_OUT, timeout=3600, receipt=receipt)
+
+    def migrate_in(self, receipt: bytes = b"") -> dict:
+        """Empty receipt: take the VM from the attached MIGRATION stream; with the broker's
+        receipt the VM may start."""
+        return self._call(Op.MIGRATE_IN, timeout=3600, receipt=receipt)
 
     def attach(self, kind: int, index: int, fd: int) -> None:
         """Hand the core an fd (P.AttachKind); the caller keeps and may close its copy."""

@@ -8,6 +8,7 @@ still running, so a daemon crash never loses a VM.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -16,12 +17,28 @@ import time
 
 from ..launcher.protocol import (FLAG_ATTEST, FLAG_INSECURE_SAME_UID, OP_SPAWN, REPLY_SIZE, STATUS_OK,
                                  decode_reply, encode_request, recv_with_fd)
+from ..wire import portal_ops as P
 from ..wire.portal_ops import CONFIG_FLAG_RNG
 from .corelink import CoreLink, CoreRefused, read_image
 from .records import RecordStore, VmRecord, new_vm_id
 
 log = logging.getLogger("sealvm.host")
 CONSOLE_READ_MAX = 1 << 20
+
+
+def broker_advance(broker: str, ticket: bytes) -> bytes:
+    """Relay a core's generation ticket to the owner's broker; its receipt, or CoreRefused.
+    Both are MACed under the VM's snapshot key: the daemon can only carry or drop them."""
+    import httpx
+    try:
+        r = httpx.post(broker.rstrip("/") + "/v1/generation", json={"ticket": ticket.decode()},
+                       timeout=30)
+        body = r.json()
+    except (httpx.HTTPError, ValueError) as e:
+        raise CoreRefused(f"the owner's broker at {broker} did not answer: {e}") from None
+    if r.status_code != 200 or "receipt" not in body:
+        raise CoreRefused(f"the owner's broker refused the snapshot: {body.get('error', body)}")
+    return str(body["receipt"]).encode()
 
 
 class UnknownVm(KeyError):
@@ -62,6 +79,9 @@ class VmManager:
         self._lock = threading.RLock()
         self.records: dict[str, VmRecord] = {}
         self.links: dict[str, CoreLink] = {}
+        self.progress: dict[str, tuple[int, int]] = {}
+        self.timings: dict[str, dict] = {}   # the last restore's phases, per VM
+        self.pending_migrations: dict[str, bytes] = {}   # VM -> its resume ticket
         self.relays: dict = {}      # vm id -> netrelay.Relay moving its sealed datagrams
 
     # ---- start-up ------------------------------------------------------
@@ -83,14 +103,16 @@ class VmManager:
 
     def _link(self, rec: VmRecord, sock: socket.socket) -> CoreLink:
         console = self.store.vm_dir(rec.id) / "console.log"
-        link = CoreLink(rec.id, sock, console, on_stopped=self._on_stopped)
+        link = CoreLink(rec.id, sock, console, on_stopped=self._on_stopped,
+                        on_progress=lambda vm, done, total: self.progress.__setitem__(
+                            vm, (done, total)))
         link.hello()
         self.links[rec.id] = link
         return link
 
     # ---- lifecycle -------------------------------------------------------
     def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
-               manifest: bytes | None = None, net: str | None = None,
+               manifest: bytes | None = None, broker: str = "", net: str | None = None,
                net_direct: bool = False) -> VmRecord:
         vm_id = new_vm_id(name)
         if entry not in ("pvh", "long"):
@@ -103,7 +125,7 @@ class VmManager:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
             rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng,
-                           net or "", bool(net and net_direct))
+                           broker=broker, net=net or "", net_direct=bool(net and net_direct))
             self.records[vm_id] = rec
         try:
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib,
@@ -123,6 +145,180 @@ class VmManager:
             raise CoreRefused(str(e)) from None
         self._set_state(rec, "configured")
         return rec
+
+    # ---- snapshots (docs/snapshots.md) -------------------------------------
+    def snapshot(self, vm_id: str, path: str | None = None, resume: bool = True) -> dict:
+        """Have the core seal the VM into a new file, get the owner's broker to make it the
+        newest generation, hand the receipt back.  The file is removed unless committed."""
+        rec = self.get(vm_id)
+        link = self.links.get(vm_id)
+        if link is None or rec.state not in ("running", "paused"):
+            raise WrongState(f"{vm_id} is {rec.state}; a snapshot needs a running or paused VM")
+        if not rec.broker:
+            raise WrongState(f"{vm_id} has no owner: snapshots need an attested VM")
+        was_running = rec.state == "running"
+        if path is None:
+            d = self.store.dir.parent / "snapshots"
+            d.mkdir(mode=0o700, exist_ok=True)
+            path = str(d / f"{vm_id}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.svs")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        committed = False
+        try:
+            try:
+                link.attach(P.AttachKind.SNAPSHOT, 0, fd)
+            finally:
+                os.close(fd)
+            self.progress[vm_id] = (0, 0)
+            t0 = time.perf_counter()
+            sealed = link.snapshot()
+            t1 = time.perf_counter()
+            self._set_state(rec, "paused")
+            receipt = broker_advance(rec.broker, sealed["ticket"])
+            done = link.snapshot(receipt)
+            committed = True
+            timing = {"seal_s": t1 - t0, "commit_s": time.perf_counter() - t1}
+        finally:
+            if not committed:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            if resume and was_running and rec.state == "paused":
+                with contextlib.suppress(CoreRefused):
+                    link.resume()
+                    self._set_state(rec, "running")
+        rec.generation = done["generation"]
+        self.store.save(rec)
+        return {"snapshot": path, "generation": done["generation"], "bytes": sealed["bytes"],
+                **timing}
+
+    def restore(self, snapshot: str, name: str | None, manifest: bytes, broker: str) -> VmRecord:
+        """A new VM whose core attests as the restorer of `snapshot` and rebuilds it."""
+        import json
+        m = json.loads(json.loads(manifest)["manifest"])
+        vm_id = new_vm_id(name)
+        fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with self._lock:
+                if vm_id in self.records:
+                    raise ValueError(f"a VM named {vm_id!r} exists already")
+                rec = VmRecord(vm_id, os.path.abspath(snapshot), m["memory_mib"], m["vcpus"],
+                               m["cmdline"], m["entry"], "rng" in m["devices"], broker=broker)
+                self.records[vm_id] = rec
+            try:
+                t0 = time.perf_counter()
+                rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, m["memory_mib"],
+                                                                         attest=True)
+                self.store.save(rec)
+                link = self._link(rec, sock)
+                link.load_image(manifest, kind=3)
+                link.attach(P.AttachKind.SNAPSHOT, 0, fd)
+                self.progress[vm_id] = (0, 0)
+                t1 = time.perf_counter()
+                ticket = link.restore()["ticket"]
+                t2 = time.perf_counter()
+                rec.generation = link.restore(broker_advance(broker, ticket))["generation"]
+                self.timings[vm_id] = {"spawn_s": t1 - t0, "attest_and_load_s": t2 - t1,
+                                       "commit_s": time.perf_counter() - t2}
+            except (CoreRefused, OSError) as e:
+                rec.state, rec.stop_reason = "failed", str(e)
+                self.store.save(rec)
+                self._finish(vm_id)
+                raise CoreRefused(str(e)) from None
+        finally:
+            os.close(fd)
+        self._set_state(rec, "configured")
+        return rec
+
+    # ---- live migration (docs/migration.md) ------------------------------
+    def incoming(self, name: str | None, manifest: bytes, broker: str,
+                 listen: str = "127.0.0.1") -> dict:
+        """Get ready to take a migrating VM: a core that will attest as its target, and a
+        TCP port for the source host's stream.  Returns {"id", "port"} at once; the VM
+        starts here only if the owner's broker makes this copy the newest."""
+        import json
+        m = json.loads(json.loads(manifest)["manifest"])
+        vm_id = new_vm_id(name)
+        with self._lock:
+            if vm_id in self.records:
+                raise ValueError(f"a VM named {vm_id!r} exists already")
+            rec = VmRecord(vm_id, "(migration)", m["memory_mib"], m["vcpus"], m["cmdline"],
+                           m["entry"], "rng" in m["devices"], broker=broker)
+            self.records[vm_id] = rec
+        lsock = socket.create_server((listen, 0))
+        try:
+            rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, m["memory_mib"],
+                                                                     attest=True)
+            self.store.save(rec)
+            link = self._link(rec, sock)
+            link.load_image(manifest, kind=3)
+        except (CoreRefused, OSError) as e:
+            lsock.close()
+            rec.state, rec.stop_reason = "failed", str(e)
+            self.store.save(rec)
+            self._finish(vm_id)
+            raise CoreRefused(str(e)) from None
+        self._set_state(rec, "incoming")
+        threading.Thread(target=self._take_over, args=(rec, link, lsock), daemon=True,
+                         name=f"incoming-{vm_id}").start()
+        return {"id": vm_id, "port": lsock.getsockname()[1]}
+
+    def _take_over(self, rec: VmRecord, link: CoreLink, lsock: socket.socket) -> None:
+        try:
+            lsock.settimeout(120)
+            conn, _ = lsock.accept()
+            with conn:
+                link.attach(P.AttachKind.MIGRATION, 0, conn.fileno())
+            self.progress[rec.id] = (0, 0)
+            ticket = link.migrate_in()["ticket"]
+            rec.generation = link.migrate_in(broker_advance(rec.broker, ticket))["generation"]
+            self._set_state(rec, "configured")
+            link.start()
+            self._set_state(rec, "running")
+        except (CoreRefused, OSError) as e:
+            rec.stop_reason = f"migration failed: {e}"
+            self._set_state(rec, "failed")
+            self._finish(rec.id)
+        finally:
+            lsock.close()
+
+    def migrate(self, vm_id: str, to: str) -> dict:
+        """Send the VM to the target core listening at HOST:PORT.  Afterwards the VM is
+        paused here until `migrate_finish` learns whether the target took over."""
+        rec = self.get(vm_id)
+        link = self.links.get(vm_id)
+        if link is None or rec.state not in ("running", "paused"):
+            raise WrongState(f"{vm_id} is {rec.state}; a migration needs a running VM")
+        host, _, port = to.rpartition(":")
+        try:
+            conn = socket.create_connection((host, int(port)), timeout=30)
+        except (OSError, ValueError) as e:
+            raise CoreRefused(f"cannot reach the migration target at {to}: {e}") from None
+        with conn:
+            link.attach(P.AttachKind.MIGRATION, 0, conn.fileno())
+        self.progress[vm_id] = (0, 0)
+        t0 = time.perf_counter()
+        out = link.migrate_out()
+        self.pending_migrations[vm_id] = out["ticket"]
+        self._set_state(rec, "migrated")
+        import json
+        return {**json.loads(out["report"]), "total_s": time.perf_counter() - t0}
+
+    def migrate_finish(self, vm_id: str, taken_over: bool) -> VmRecord:
+        """After a migration: the target took over (stop here), or it did not (resume here,
+        if the owner's broker agrees this copy is still the newest; else stop)."""
+        rec = self.get(vm_id)
+        ticket = self.pending_migrations.pop(vm_id, None)
+        if ticket is None:
+            raise WrongState(f"{vm_id} has no migration waiting to be finished")
+        if not taken_over:
+            try:
+                receipt = broker_advance(rec.broker, ticket)
+                rec.generation = self.links[vm_id].migrate_out(receipt)["generation"]
+                self._set_state(rec, "running")
+                return rec
+            except (CoreRefused, KeyError) as e:
+                rec.stop_reason = f"cannot resume: {e}"
+        rec.stop_reason = rec.stop_reason or "migrated away"
+        return self.stop(vm_id)
 
     def _call(self, vm_id: str, method: str, need: tuple[str, ...], new_state: str) -> VmRecord:
         rec = self.get(vm_id)

@@ -37,6 +37,8 @@ class VmRecord:
     exit_status: int | None = None
     stop_reason: str = ""
     created: float = field(default_factory=time.time)
+    broker: str = ""          # the owner's key broker, for attested VMs
+    generation: int = 0       # the newest generation the core reported (snapshots)
 
     def public(self) -> dict:
         return asdict(self)

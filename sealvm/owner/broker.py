@@ -2,6 +2,15 @@
 
     POST /v1/challenge {"vm": name}                          -> {"nonce": hex}
     POST /v1/attest    {"evidence": str, "signature": hex}   -> {"wrapped": hex, "salt": hex}
+    POST /v1/generation {"ticket": str}                      -> {"receipt": str}
+
+Generations (docs/snapshots.md): DIR/vms/NAME/generation holds the VM's newest
+generation and the snapshot set that carries it.  A fresh boot moves it on by one.  A
+restore gets keys only for exactly the newest snapshot, and moves it on once it has
+loaded and checked it (a ticket, below), so a failed restore costs nothing.  A running
+core that seals a snapshot asks, with a ticket MACed under its snapshot key, to make
+that snapshot the newest.  A core whose generation is no longer the newest is fenced:
+its tickets are refused, and no older snapshot is ever released again.
 
 A nonce is 32 random bytes, good once and for 60 s, and used up by the first
 attestation that names it, whatever the outcome.  The attestation is appraised in
@@ -41,7 +50,8 @@ from .manifest import load_manifest, load_vm_keys
 from .policy import load_policy
 
 DEFENCES = ("nonce_fresh", "nonce_once", "ak_sig", "root_trust", "root_sig", "require_tpm",
-            "core_measurement", "core_version", "owner_key", "manifest")
+            "core_measurement", "core_version", "owner_key", "manifest", "generation")
+GENERATION_FILE = "generation"
 ENV_DISABLE = "SEALVM_BROKER_TEST_DISABLE"
 ENV_TEST_MODE = "SEALVM_TEST_MODE"
 NONCE_LIFETIME = 60.0
@@ -190,6 +200,90 @@ class Broker:
         self.log = ReleaseLog(self.dir / LOG_FILE)
         self.nonces = NonceBook(clock, self.disabled)
         self.nonces.restore(self.log.records())
+        self._gen_lock = threading.Lock()
+
+    # ---- generations ---------------------------------------------------------------------
+    def generation(self, vm: str) -> dict:
+        """{"generation": int, "set": hex or None}; generation 0 before the first release."""
+        path = Path(self.dir) / "vms" / vm / GENERATION_FILE
+        try:
+            rec = json.loads(path.read_text())
+            return {"generation": int(rec["generation"]), "set": rec.get("set")}
+        except FileNotFoundError:
+            return {"generation": 0, "set": None}
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise BrokerFault(f"owner configuration: {path}: {e}") from None
+
+    def _set_generation(self, vm: str, generation: int, set_id: str | None) -> None:
+        path = Path(self.dir) / "vms" / vm / GENERATION_FILE
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, json.dumps({"generation": generation, "set": set_id}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _next_generation(self, vm: str, restore: dict | None) -> int:
+        """Called under _gen_lock by a release: check a restore is of the newest snapshot,
+        then move the generation on (the previous copy of the VM is fenced from here)."""
+        cur = self.generation(vm)
+        if restore is not None and "generation" not in self.disabled and (
+                restore["generation"] != cur["generation"] or restore["set"] != cur["set"]):
+            if restore["generation"] < cur["generation"]:
+                raise Refusal(f"rollback: snapshot of generation {restore['generation']} is "
+                              f"older than the newest, {cur['generation']}")
+            raise Refusal(f"snapshot {restore['set']} of generation {restore['generation']} "
+                          f"is not the newest one the owner knows (generation "
+                          f"{cur['generation']}, snapshot {cur['set']})")
+        if restore is not None:       # the restorer moves it on once it has loaded the
+            return restore["generation"]    # snapshot (POST /v1/generation): no fencing yet
+        self._set_generation(vm, cur["generation"] + 1, None)
+        return cur["generation"] + 1
+
+    def _migration_generation(self, vm: str, migrate: dict) -> int:
+        """A migration target gets the keys only for the VM's newest generation (the copy
+        it takes over); it moves the generation on once it has the whole VM (a ticket)."""
+        cur = self.generation(vm)["generation"]
+        if migrate["generation"] != cur and "generation" not in self.disabled:
+            raise Refusal(f"stale migration: the source runs generation "
+                          f"{migrate['generation']}, the newest is {cur}")
+        return migrate["generation"]
+
+    def advance(self, body: Any, peer: str) -> dict:
+        """A running core made snapshot `set`: make it the newest generation, if the core
+        is still the newest copy of its VM."""
+        vm = "?"
+        try:
+            raw = _exact(body, ("ticket",))["ticket"].encode()
+            try:
+                vm = json.loads(json.loads(raw)["body"])["vm"]
+                if not isinstance(vm, str) or not A.VM_NAME_RE.fullmatch(vm):
+                    raise ValueError("vm is not a VM name")
+                if self._manifest(vm) is None:
+                    raise ValueError(f"unknown VM {vm!r}")
+                keys = A.parse_vm_keys(load_vm_keys(self.dir, vm))
+                ticket = A.check_ticket(keys["snapshot"], raw)
+            except (ValueError, KeyError, TypeError, A.AttestError, OwnerError) as e:
+                raise Refusal(f"malformed or forged ticket: {e}") from None
+            with self._gen_lock:
+                cur = self.generation(vm)["generation"]
+                if ticket["from"] != cur and "generation" not in self.disabled:
+                    raise Refusal(f"fenced: generation {ticket['from']} is not the newest "
+                                  f"copy of {vm} (that is generation {cur})")
+                self._set_generation(vm, ticket["to"], ticket["set"])
+        except Refusal as r:
+            self._record("refused", request="generation", vm=str(vm)[:64], peer=peer,
+                         reason=r.reason)
+            raise
+        self._record("generation", vm=vm, generation=ticket["to"], set=ticket["set"], peer=peer)
+        return {"receipt": A.advance_receipt(keys["snapshot"], ticket).decode()}
 
     def _record(self, event: str, **fields: Any) -> None:
         rec = {"time": self.clock(), "event": event, **fields}
@@ -243,11 +337,21 @@ class Broker:
             ctx = Context(policy, self._manifest(ev["vm"]), self.wrap_pub, self.disabled)
             findings = appraise(data, ev, sig, ctx)
             try:
-                payload = load_vm_keys(self.dir, ev["vm"])
+                keys_json = load_vm_keys(self.dir, ev["vm"])
+                restore = A.restore_values(ev["log"])
+                migrate = A.migrate_in_values(ev["log"])
             except OwnerError as e:
                 raise BrokerFault(f"owner configuration: {e}") from None
+            except A.AttestError as e:
+                raise Refusal(f"malformed evidence: {e}") from None
+            with self._gen_lock:
+                if migrate is not None:
+                    info["generation"] = self._migration_generation(ev["vm"], migrate)
+                else:
+                    info["generation"] = self._next_generation(ev["vm"], restore)
             try:
-                wrapped, salt = A.wrap_keys(payload, bytes.fromhex(ev["ephemeral_pub"]),
+                wrapped, salt = A.wrap_keys(A.release_payload(keys_json, info["generation"]),
+                                            bytes.fromhex(ev["ephemeral_pub"]),
                                             bytes.fromhex(ev["nonce"]), self.wrap_key)
             except A.AttestError as e:
                 raise Refusal(f"ephemeral_pub: {e}") from None
@@ -302,6 +406,11 @@ def create_app(directory: str | Path, clock: Callable[[], float] = time.time,
     async def attest(request: Request) -> JSONResponse:
         """Appraise {"evidence", "signature"}; on success the VM's keys wrapped to the core."""
         return await handle(request, broker.attest)
+
+    @app.post("/v1/generation")
+    async def generation(request: Request) -> JSONResponse:
+        """{"ticket"} from a running core: make its snapshot the VM's newest generation."""
+        return await handle(request, broker.advance)
 
     return app
 

@@ -10,6 +10,7 @@ Keys may be passed as `cryptography` key objects or as raw 32-byte public keys.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -32,7 +33,8 @@ MAX_WRAPPED = 64 << 10
 MAX_MEMORY_MIB, MAX_VCPUS, MAX_CMDLINE = 1 << 20, 256, 4095
 CODE_KINDS = ("interpreter", "core-file", "stdlib-file", "library-file", "pth-file")
 GUEST_KINDS = ("guest-image", "guest-cmdline", "guest-config")
-KINDS = CODE_KINDS + ("core-config", "attestation-key") + GUEST_KINDS
+KINDS = CODE_KINDS + ("core-config", "attestation-key") + GUEST_KINDS + ("vm-restore",
+                                                                          "vm-migrate-in")
 ENTRY_MODES = ("pvh", "long")
 RELEASE_INFO = b"sealvm key release v2"
 VM_KEY_NAMES = ("disk", "net", "snapshot")
@@ -365,6 +367,94 @@ def parse_vm_keys(payload: bytes) -> dict[str, bytes]:
     """keys.json -> {"disk", "net", "snapshot"}: 32 bytes each."""
     keys = _fields(loads_canonical(payload, "keys.json"), VM_KEY_NAMES, "keys.json")
     return {k: check_hex(keys[k], f"keys.json {k}", 32) for k in VM_KEY_NAMES}
+
+# ---- generations: which copy of a VM is the newest (docs/snapshots.md) --------------------
+
+MAX_GENERATION = (1 << 63) - 1
+_SET_RE = re.compile(r"[0-9a-f]{32}")
+
+def release_payload(keys_json: bytes, generation: int) -> bytes:
+    """What the broker wraps: the VM's keys and the generation the released core runs as."""
+    keys = parse_vm_keys(keys_json)
+    return canonical({**{k: v.hex() for k, v in keys.items()},
+                      "generation": _int(generation, "generation", 1, MAX_GENERATION)})
+
+def parse_release(payload: bytes) -> tuple[dict[str, bytes], int]:
+    obj = _fields(loads_canonical(payload, "released keys"), VM_KEY_NAMES + ("generation",),
+                  "released keys")
+    generation = _int(obj.pop("generation"), "released generation", 1, MAX_GENERATION)
+    return parse_vm_keys(canonical(obj)), generation
+
+def restore_entry(generation: int, set_id: bytes) -> dict:
+    """The log entry of a core that restores snapshot `set_id` of `generation`."""
+    return data_entry("vm-restore", canonical({"generation": generation,
+                                               "set": bytes(set_id).hex()}).decode())
+
+def restore_values(entries: list) -> dict | None:
+    """{"generation", "set"} of the one vm-restore entry, or None for a fresh boot."""
+    if not any(e["kind"] == "vm-restore" for e in check_log(entries)):
+        return None
+    r = _fields(_data(_single(entries, "vm-restore")[1], "vm-restore"), ("generation", "set"),
+                "log vm-restore")
+    return {"generation": _int(r["generation"], "vm-restore.generation", 1, MAX_GENERATION),
+            "set": _str(r["set"], "vm-restore.set", 32, _SET_RE)}
+
+def migrate_in_entry(generation: int) -> dict:
+    """The log entry of a core that takes over a migrating VM now at `generation`."""
+    return data_entry("vm-migrate-in", canonical({"generation": generation}).decode())
+
+def migrate_in_values(entries: list) -> dict | None:
+    if not any(e["kind"] == "vm-migrate-in" for e in check_log(entries)):
+        return None
+    r = _fields(_data(_single(entries, "vm-migrate-in")[1], "vm-migrate-in"), ("generation",),
+                "log vm-migrate-in")
+    return {"generation": _int(r["generation"], "vm-migrate-in.generation", 1, MAX_GENERATION)}
+
+def _generation_mac(snapshot_key: bytes, label: bytes, body: bytes) -> bytes:
+    key = HKDF(hashes.SHA256(), 32, None, b"sealvm generation v1").derive(bytes(snapshot_key))
+    return hmac.new(key, label + b"\0" + body, hashlib.sha256).digest()
+
+def _signed(snapshot_key: bytes, label: bytes, obj: dict) -> bytes:
+    body = canonical(obj)
+    return canonical({"body": body.decode(), "mac": _generation_mac(snapshot_key, label,
+                                                                   body).hex()})
+
+def _open_signed(snapshot_key: bytes, label: bytes, data: bytes, fields: tuple) -> dict:
+    outer = _fields(loads_canonical(bytes(data), label.decode()), ("body", "mac"), label.decode())
+    body = _str(outer["body"], f"{label.decode()}.body", 1024).encode()
+    mac = check_hex(outer["mac"], f"{label.decode()}.mac", 32)
+    if not hmac.compare_digest(mac, _generation_mac(snapshot_key, label, body)):
+        raise AttestError(f"{label.decode()}: MAC does not verify (not made with this VM's key)")
+    obj = _fields(loads_canonical(body, label.decode()), fields, label.decode())
+    _str(obj["vm"], f"{label.decode()}.vm", 63, VM_NAME_RE)
+    _str(obj["set"], f"{label.decode()}.set", 32, _SET_RE)
+    _str(obj["nonce"], f"{label.decode()}.nonce", 32, _SET_RE)
+    return obj
+
+def advance_ticket(snapshot_key: bytes, vm: str, current: int, set_id: bytes,
+                   nonce: bytes) -> bytes:
+    """The core asks the broker to make snapshot `set_id` generation current+1."""
+    return _signed(snapshot_key, b"ticket", {"vm": vm, "from": current, "to": current + 1,
+                                             "set": bytes(set_id).hex(), "nonce": nonce.hex()})
+
+def check_ticket(snapshot_key: bytes, data: bytes) -> dict:
+    t = _open_signed(snapshot_key, b"ticket", data, ("vm", "from", "to", "set", "nonce"))
+    _int(t["from"], "ticket.from", 1, MAX_GENERATION - 1)
+    if t["to"] != t["from"] + 1:
+        raise AttestError("ticket: 'to' must be 'from' + 1")
+    return t
+
+def advance_receipt(snapshot_key: bytes, ticket: dict) -> bytes:
+    """The broker's answer: the ticket's snapshot is now the newest generation."""
+    return _signed(snapshot_key, b"receipt", {k: ticket[k] for k in ("vm", "to", "set", "nonce")})
+
+def check_receipt(snapshot_key: bytes, data: bytes, ticket: bytes) -> int:
+    """The new generation, if `data` is the broker's receipt for exactly `ticket`."""
+    r = _open_signed(snapshot_key, b"receipt", data, ("vm", "to", "set", "nonce"))
+    t = json.loads(json.loads(ticket)["body"])
+    if any(r[k] != t[k] for k in r):
+        raise AttestError("receipt: answers another ticket")
+    return r["to"]
 
 # ---- manifests -----------------------------------------------------------------------------
 

@@ -58,10 +58,15 @@ class Op(enum.IntEnum):
     QUERY = 0x08
     CONSOLE_INPUT = 0x09
     ATTACH = 0x0A
+    SNAPSHOT = 0x30
+    RESTORE = 0x31
+    MIGRATE_OUT = 0x40
+    MIGRATE_IN = 0x41
     # events
     CONSOLE_OUTPUT = 0x100
     VM_STOPPED = 0x101
     LOG = 0x102
+    PROGRESS = 0x103
 
 
 class VmState(enum.IntEnum):
@@ -87,6 +92,7 @@ class AttachKind(enum.IntEnum):
 
 
 MAX_ATTACH_INDEX = 7
+MAX_TICKET = 4096              # a snapshot's generation ticket or the broker's receipt
 
 
 class EntryMode(enum.IntEnum):
@@ -177,6 +183,28 @@ _SPECS = (
     # hand the core one fd (SCM_RIGHTS, in the same message as the frame)
     OpSpec(Op.ATTACH, "ATTACH", Kind.REQUEST, CAP_VM,
            (Enum("kind", U8, AttachKind), U8("index", hi=MAX_ATTACH_INDEX))),
+    # empty receipt: pause, seal the VM to the attached SNAPSHOT fd, answer the ticket
+    # the owner's broker must sign; with the broker's receipt: the snapshot is the newest
+    OpSpec(Op.SNAPSHOT, "SNAPSHOT", Kind.REQUEST, CAP_VM,
+           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"))),
+    # empty receipt: attest as the restorer of the attached snapshot, rebuild the VM from
+    # it, answer the ticket; with the broker's receipt the restored VM may start
+    OpSpec(Op.RESTORE, "RESTORE", Kind.REQUEST, CAP_VM,
+           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"))),
+    # empty receipt: send the running VM over the attached MIGRATION stream (pre-copy,
+    # then stop-and-copy), answer the ticket the source needs to resume if the target
+    # never takes over; with the broker's receipt: resume here
+    OpSpec(Op.MIGRATE_OUT, "MIGRATE_OUT", Kind.REQUEST, CAP_VM,
+           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"),
+            Str("report", MAX_MESSAGE))),
+    # empty receipt: attest as the migration target, take the VM from the attached
+    # MIGRATION stream, answer the ticket; with the broker's receipt the VM may start
+    OpSpec(Op.MIGRATE_IN, "MIGRATE_IN", Kind.REQUEST, CAP_VM,
+           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"))),
     # bytes the guest wrote to its console
     OpSpec(Op.CONSOLE_OUTPUT, "CONSOLE_OUTPUT", Kind.EVENT, None,
            (Bytes("data", MAX_CONSOLE_OUTPUT),)),
@@ -186,6 +214,8 @@ _SPECS = (
     # a core log line (refusals among them)
     OpSpec(Op.LOG, "LOG", Kind.EVENT, None,
            (Enum("level", U8, LogLevel), Str("message", MAX_MESSAGE))),
+    # how far a snapshot or restore has got
+    OpSpec(Op.PROGRESS, "PROGRESS", Kind.EVENT, None, (U64("done"), U64("total"))),
 )
 
 OPS: dict[int, OpSpec] = {spec.number: spec for spec in _SPECS}

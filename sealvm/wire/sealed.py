@@ -14,6 +14,7 @@ import hmac
 import os
 import struct
 from hashlib import sha256
+from typing import Callable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -28,8 +29,8 @@ from sealvm.wire.sealed_layout import (
 
 __all__ = [
     "AlteredError", "ChunkKind", "ExtraError", "ForeignError", "MalformedError", "Opener",
-    "ReorderedError", "ReplayedError", "SealError", "Sealer", "TruncatedError", "open_set",
-    "seal_set",
+    "ReorderedError", "ReplayedError", "SealError", "Sealer", "TruncatedError", "open_records",
+    "open_set", "read_record", "seal_set",
 ]
 
 DEFAULT_CHUNK_SIZE = 2 << 20
@@ -188,6 +189,16 @@ class Opener:
 
     def open_chunk(self, blob: bytes | memoryview) -> tuple[int, ChunkKind, bytes]:
         """(index, kind, payload) of the next chunk; refuses anything not next in this set."""
+        return self._open(blob, None)
+
+    def open_chunk_into(self, blob: bytes | memoryview, out: bytearray | memoryview
+                        ) -> tuple[int, ChunkKind, int]:
+        """Like `open_chunk`, the payload decrypted straight into `out`, which must be its
+        exact size (else `malformed`); returns (index, kind, size).  On a refusal `out`
+        holds garbage."""
+        return self._open(blob, out)
+
+    def _open(self, blob, out):
         h = self._started()
         ch = parse_chunk_header(blob, h.chunk_size)
         if h.count != OPEN_STREAM and self._next >= h.count:
@@ -198,12 +209,20 @@ class Opener:
             self._refuse_stranger(ch, hdr, body)
         if ch.count != h.count:
             raise AlteredError("chunk's count field disagrees with its set")
+        misfit = out is not None and len(out) != len(body) - TAG_SIZE
         try:
-            payload = self._aead.decrypt(nonce(h.generation, ch.index), body, hdr + self._ctx)
+            n = nonce(h.generation, ch.index)
+            if out is None or misfit:      # a misfit is opened to name what is wrong
+                payload = self._aead.decrypt(n, body, hdr + self._ctx)
+            else:
+                payload = self._aead.decrypt_into(n, body, hdr + self._ctx, out)
         except InvalidTag:
             raise AlteredError(f"chunk at position {self._next} does not authenticate") from None
         if ch.index != self._next:
             raise ReorderedError(f"chunk {ch.index} where chunk {self._next} belongs")
+        if misfit:
+            raise MalformedError(f"chunk at position {self._next} holds {len(body) - TAG_SIZE} "
+                                 f"bytes where {len(out)} belong")
         self._mac.update(bytes(body[-TAG_SIZE:]))
         self._next += 1
         return ch.index, ch.kind, payload
@@ -263,47 +282,62 @@ def _put(buf: bytearray, pos: int, rec: bytes) -> int:
     return pos + _LEN.size + len(rec)
 
 
+def read_record(read: Callable[[int], bytes | memoryview], cap: int
+                ) -> bytes | memoryview | None:
+    """The next u32-length-prefixed record from `read(n)` (up to n bytes; fewer only at
+    the end), or None at a clean end.  A length over `cap` is refused before reading."""
+    prefix = read(_LEN.size)
+    if len(prefix) == 0:
+        return None
+    if len(prefix) < _LEN.size:
+        raise TruncatedError("set ends inside a length prefix")
+    (ln,) = _LEN.unpack(prefix)
+    if ln > cap:
+        raise MalformedError(f"record length {ln} exceeds the cap {cap}")
+    rec = read(ln)
+    if len(rec) < ln:
+        raise TruncatedError(f"set ends inside a record ({len(rec)} of {ln} bytes)")
+    return rec
+
+
+def open_records(op: Opener, read: Callable[[int], bytes | memoryview]
+                 ) -> Iterator[tuple[ChunkKind, bytes]]:
+    """Stream a framed set: yields (kind, payload) per authenticated chunk and returns
+    after the manifest checked out.  The caller checks nothing follows the manifest."""
+    head = read_record(read, MAX_HEADER)
+    if head is None:
+        raise TruncatedError("empty set: no header")
+    op.open_header(head)
+    n = 0
+    while True:
+        rec = read_record(read, CHUNK_OVERHEAD + op.chunk_size)
+        if rec is None:
+            raise TruncatedError(f"set ends after {n} chunks without its manifest")
+        magic = bytes(rec[:4])
+        if magic == MANIFEST_MAGIC:
+            op.finish(rec)
+            return
+        if magic != CHUNK_MAGIC:
+            raise MalformedError(f"record at position {n} is neither chunk nor manifest")
+        _, kind, payload = op.open_chunk(rec)
+        n += 1
+        yield kind, payload
+
+
 def open_set(key: bytes, vm_id: bytes | str, generation: int, purpose: bytes | str,
              blob: bytes | bytearray | memoryview, *,
              exact: bool = False) -> list[tuple[ChunkKind, bytes]]:
     """Open what `seal_set` made; every chunk, the manifest and the framing are checked."""
-    op = Opener(key, vm_id, generation, purpose, exact=exact)
     view = memoryview(blob).cast("B")
-    end = len(view)
     pos = 0
 
-    def record(cap: int) -> memoryview | None:
+    def read(n: int) -> memoryview:
         nonlocal pos
-        if pos == end:
-            return None
-        if end - pos < _LEN.size:
-            raise TruncatedError(f"set ends inside a length prefix at offset {pos}")
-        (ln,) = _LEN.unpack_from(view, pos)
-        if ln > cap:
-            raise MalformedError(f"record length {ln} at offset {pos} exceeds the cap {cap}")
-        if pos + _LEN.size + ln > end:
-            raise TruncatedError(f"set ends inside a record at offset {pos}")
-        rec = view[pos + _LEN.size:pos + _LEN.size + ln]
-        pos += _LEN.size + ln
-        return rec
+        out = view[pos:pos + n]
+        pos += len(out)
+        return out
 
-    head = record(MAX_HEADER)
-    if head is None:
-        raise TruncatedError("empty buffer: no header")
-    op.open_header(head)
-    out: list[tuple[ChunkKind, bytes]] = []
-    while True:
-        rec = record(CHUNK_OVERHEAD + op.chunk_size)
-        if rec is None:
-            raise TruncatedError(f"set ends after {len(out)} chunks without its manifest")
-        magic = bytes(rec[:4])
-        if magic == MANIFEST_MAGIC:
-            op.finish(rec)
-            break
-        if magic != CHUNK_MAGIC:
-            raise MalformedError(f"record at position {len(out)} is neither chunk nor manifest")
-        _, kind, payload = op.open_chunk(rec)
-        out.append((kind, payload))
-    if pos != end:
-        raise ExtraError(f"{end - pos} bytes after the manifest")
+    out = list(open_records(Opener(key, vm_id, generation, purpose, exact=exact), read))
+    if pos != len(view):
+        raise ExtraError(f"{len(view) - pos} bytes after the manifest")
     return out

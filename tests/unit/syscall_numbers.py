@@ -15,7 +15,7 @@ X86_64: dict[str, int] = {
     "sendto": 44, "recvfrom": 45, "sendmsg": 46, "recvmsg": 47, "shutdown": 48,
     "bind": 49, "listen": 50, "getsockname": 51, "getpeername": 52, "socketpair": 53, "setsockopt": 54, "getsockopt": 55,
     "clone": 56, "fork": 57, "vfork": 58,
-    "execve": 59, "exit": 60, "kill": 62, "fcntl": 72, "truncate": 76, "ftruncate": 77,
+    "execve": 59, "exit": 60, "kill": 62, "fcntl": 72, "fsync": 74, "fdatasync": 75, "truncate": 76, "ftruncate": 77,
     "getcwd": 79, "chdir": 80, "rename": 82, "mkdir": 83, "rmdir": 84, "creat": 85,
     "link": 86, "unlink": 87, "symlink": 88, "chmod": 90, "fchmod": 91, "chown": 92,
     "fchown": 93, "gettimeofday": 96, "getrlimit": 97, "ptrace": 101, "getuid": 102,

@@ -25,8 +25,16 @@ REQUESTS = {
     Op.START: {}, Op.PAUSE: {}, Op.RESUME: {}, Op.STOP: {}, Op.QUERY: {},
     Op.CONSOLE_INPUT: dict(data=b"ls\n"),
     Op.ATTACH: dict(kind=P.AttachKind.BLOCK, index=1),
+    Op.SNAPSHOT: dict(receipt=b'{"body":"x","mac":"y"}'),
+    Op.RESTORE: dict(receipt=b""),
+    Op.MIGRATE_OUT: dict(receipt=b""),
+    Op.MIGRATE_IN: dict(receipt=b"r"),
 }
 REPLIES = {
+    Op.SNAPSHOT: dict(ticket=b"{}", generation=7, bytes=1 << 30),
+    Op.RESTORE: dict(ticket=b"", generation=8, bytes=1 << 30),
+    Op.MIGRATE_OUT: dict(ticket=b"{}", generation=9, bytes=1 << 31, report='{"rounds":3}'),
+    Op.MIGRATE_IN: dict(ticket=b"{}", generation=9, bytes=0),
     Op.HELLO: dict(core_version=1, vm_token=TOKEN, state=P.VmState.EMPTY),
     Op.QUERY: dict(state=P.VmState.RUNNING, exit_status=-1, stop_reason="", vcpus=2,
                    memory_mib=64, exits=12345678901),
@@ -35,6 +43,7 @@ EVENTS = {
     Op.CONSOLE_OUTPUT: dict(data=b"hello\r\n"),
     Op.VM_STOPPED: dict(exit_status=3, reason="guest wrote the exit port"),
     Op.LOG: dict(level=P.LogLevel.WARNING, message="refused op 0x2: out of range"),
+    Op.PROGRESS: dict(done=1 << 30, total=2 << 30),
 }
 
 

@@ -234,3 +234,25 @@ def test_opener_state_machine():
     with pytest.raises(SealError) as e:
         o.open_header(s.header)
     assert e.value.kind == "extra"
+
+
+def test_open_chunk_into_decrypts_in_place_and_names_misfits():
+    s = Sealer(KEY, VM, 3, b"snapshot", chunk_size=64)
+    header = s.header
+    chunks = [s.seal_chunk(ChunkKind.MEMORY, bytes([i]) * 64) for i in range(3)]
+    op = Opener(KEY, VM, 3, b"snapshot", exact=True)
+    op.open_header(header)
+    out = bytearray(64)
+    assert op.open_chunk_into(chunks[0], out) == (0, ChunkKind.MEMORY, 64)
+    assert out == bytes([0]) * 64
+    with pytest.raises(SealError) as e:            # the next chunk skipped: reordered
+        op.open_chunk_into(chunks[2], bytearray(64))
+    assert e.value.kind == "reordered"
+    with pytest.raises(SealError) as e:            # genuine and in place, wrong size: malformed
+        op.open_chunk_into(chunks[1], bytearray(32))
+    assert e.value.kind == "malformed"
+    bad = bytearray(chunks[1])
+    bad[-1] ^= 1
+    with pytest.raises(SealError) as e:
+        op.open_chunk_into(bytes(bad), bytearray(64))
+    assert e.value.kind == "altered"

@@ -50,7 +50,10 @@ CORE_ALLOWED_SYSCALLS: dict[str, int] = {
     "close": 3,                             # closing fds at stop and in Machine.close()
     "dup": 32, "dup2": 33, "dup3": 292,     # duplicating an fd already held
     "fcntl": 72,                            # F_GETFL/F_SETFL/F_GETFD on existing fds
-    "lseek": 8, "fstat": 5,                 # file objects on already-open fds
+    "lseek": 8, "fstat": 5,                 # file objects on already-open fds (and SEEK_DATA
+                                            # over the RAM memfd for a snapshot)
+    "fsync": 74,                            # a sealed snapshot on its attached fd is durable
+    "pwrite64": 18,                         # writing it at known offsets from two threads
     # glibc's fstat (AT_EMPTY_PATH); with a path it only reads metadata, and os.stat is
     # what linecache uses before printing a traceback.
     "newfstatat": 262,

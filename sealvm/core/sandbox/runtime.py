@@ -17,6 +17,11 @@ logged exception would turn into a SIGSYS death and lose its message.
 
 Everything the core runs afterwards must already be imported: an `import` of
 a new module opens files and is killed.
+
+glibc opens one file on its own: the first time a thread's malloc arena gives
+memory back (shrink_heap) it reads /proc/sys/vm/overcommit_memory, once per
+process.  Large buffers freed on a worker thread (a snapshot's chunks) do that;
+`_settle_malloc` makes it happen now, before the filter.
 """
 from __future__ import annotations
 
@@ -66,12 +71,23 @@ def prime_source_cache() -> int:
     return count
 
 
+def _settle_malloc() -> None:
+    """Grow and free a thread arena's heap, so glibc reads its one file now."""
+    def churn() -> None:
+        blocks = [bytearray(4000) for _ in range(2000)]      # above pymalloc's 512 bytes
+        del blocks
+    t = threading.Thread(target=churn, name="malloc-settle")
+    t.start()
+    t.join()
+
+
 def prepare_runtime() -> None:
     """Prime the source cache and route traceback printing through it (idempotent)."""
     global _prepared
     prime_source_cache()
     if _prepared:
         return
+    _settle_malloc()
     linecache.updatecache = _updatecache_without_io
     sys.excepthook = _print_uncaught
     threading.excepthook = _thread_excepthook

@@ -1,0 +1,200 @@
+"""Sealed snapshots against a live host daemon, the owner's broker and real cores.
+
+A VM signed by the owner runs under `sealvm hostd`; the daemon writes its snapshot
+and holds it, the owner's broker keeps the VM's newest generation.  Checked: a
+restored VM continues exactly where it stopped (the memtouch guest's own checksums
+and progress log); every tampering of the file is refused with its kind; an older
+snapshot is refused (rollback) and a fenced copy cannot snapshot again, each with a
+paired control whose broker has that one check switched off; the guest's secret is
+never in the file, and is there once the owner's key opens it (the control).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_kvm
+from tests.security.owner_world import (MEMTOUCH, create, console, generation, host_b,  # noqa: F401
+                                        join, read_guest_secret, records, restore, snap_dir,
+                                        snapshot, wait_for, world)
+
+pytestmark = needs_kvm
+
+
+def test_restored_vm_continues_where_it_stopped(world):
+    w = world
+    vm = create(w, "snap", "memtouch", MEMTOUCH, "snap-a")
+    wait_for(w, vm, r"memtouch t=2 ")
+    s = snapshot(w, vm, snap_dir(w) / "a.svs")
+    assert generation(w, "snap")["generation"] == s["generation"]
+    t_at = int(wait_for(w, vm, r"memtouch t=(\d+) ").group(1))
+    w["hostd"].api().delete(f"/v1/vms/{vm}")
+    r = restore(w, s["path"], "snap", "snap-a2")
+    assert r.status_code == 201, r.text
+    assert r.json()["generation"] == s["generation"] + 1 == generation(w, "snap")["generation"]
+    m = wait_for(w, "snap-a2", r"memtouch t=(\d+) writes=(\d+) sum=0x[0-9a-f]+ (ok|MISMATCH)")
+    text = console(w, "snap-a2")
+    assert "memtouch base=" not in text, "the guest started afresh instead of continuing"
+    assert "MISMATCH" not in text and m.group(3) == "ok"
+    first_t = int(re.search(r"memtouch t=(\d+) ", text).group(1))
+    assert 2 <= first_t <= t_at + 1, (first_t, t_at)
+    w["hostd"].api().delete("/v1/vms/snap-a2")
+
+
+TAMPER = {
+    "flipped ciphertext byte": (lambda r: r[:2] + [r[2][:100] + bytes([r[2][100] ^ 1]) + r[2][101:]] + r[3:], "altered"),
+    "swapped chunks": (lambda r: r[:1] + [r[2], r[1]] + r[3:], "reordered"),
+    "dropped chunk": (lambda r: r[:2] + r[3:], "reordered"),
+    "duplicated chunk": (lambda r: r[:3] + [r[2]] + r[3:], "reordered"),
+    "truncated": (lambda r: r[:-2], "truncated"),
+    "extended": (lambda r: r + [r[-2]], "extra"),
+    "altered manifest": (lambda r: r[:-1] + [r[-1][:-1] + bytes([r[-1][-1] ^ 1])], "altered"),
+}
+
+
+@pytest.fixture(scope="module")
+def sealed_snapshot(world):
+    """A committed snapshot (the newest) of a VM that is then deleted; restores of
+    tampered copies must not use it up."""
+    w = world
+    vm = create(w, "snap", "memtouch", MEMTOUCH, "snap-t")
+    wait_for(w, vm, r"memtouch t=1 ")
+    s = snapshot(w, vm, snap_dir(w) / "t.svs")
+    w["hostd"].api().delete(f"/v1/vms/{vm}")
+    return s
+
+
+@pytest.mark.parametrize("name", list(TAMPER))
+def test_tampered_snapshot_is_refused(world, sealed_snapshot, name):
+    w = world
+    change, kind = TAMPER[name]
+    recs = records(sealed_snapshot["path"].read_bytes())
+    assert len(recs) >= 5, "the snapshot should hold several memory chunks"
+    n = list(TAMPER).index(name)
+    bad = sealed_snapshot["path"].with_name(f"bad-{n}.svs")
+    bad.write_bytes(join(change(recs)))
+    os.chmod(bad, 0o644)
+    before = generation(w, "snap")
+    r = restore(w, bad, "snap", f"tamper-{n}")
+    assert r.status_code >= 400, r.text
+    assert f"({kind})" in r.json()["detail"], r.json()["detail"]
+    assert generation(w, "snap") == before, "a refused restore must not move the generation"
+
+
+def test_control_the_untampered_snapshot_restores(world, sealed_snapshot):
+    r = restore(world, sealed_snapshot["path"], "snap", "snap-t2")
+    assert r.status_code == 201, r.text
+    wait_for(world, "snap-t2", r"memtouch t=\d+ .* ok")
+    world["hostd"].api().delete("/v1/vms/snap-t2")
+
+
+def two_snapshots(w, vm_id: str):
+    vm = create(w, "snap", "memtouch", MEMTOUCH, vm_id)
+    wait_for(w, vm, r"memtouch t=1 ")
+    d = snap_dir(w)
+    old = snapshot(w, vm, d / "old.svs")
+    new = snapshot(w, vm, d / "new.svs")
+    assert new["generation"] == old["generation"] + 1
+    return vm, old, new
+
+
+def test_older_snapshot_is_refused(world):
+    vm, old, new = two_snapshots(world, "snap-r")
+    r = restore(world, old["path"], "snap", "snap-r2")
+    assert r.status_code >= 400 and "rollback" in r.json()["detail"], r.text
+    world["hostd"].api().delete(f"/v1/vms/{vm}")
+
+
+def test_control_older_snapshot_restores_without_the_generation_check(world):
+    vm, old, new = two_snapshots(world, "snap-rc")
+    r = restore(world, old["path"], "snap", "snap-rc2", broker=world["lax_url"])
+    assert r.status_code == 201, r.text
+    for v in (vm, "snap-rc2"):
+        world["hostd"].api().delete(f"/v1/vms/{v}")
+
+
+def fenced_source(w, vm_id: str, broker: str) -> tuple[str, Path]:
+    vm = create(w, "snap", "memtouch", MEMTOUCH, vm_id, broker)
+    wait_for(w, vm, r"memtouch t=1 ")
+    d = snap_dir(w)
+    s = snapshot(w, vm, d / "s.svs")
+    r = restore(w, s["path"], "snap", vm_id + "-copy", broker=broker)
+    assert r.status_code == 201, r.text
+    return vm, d
+
+
+def test_fenced_source_cannot_snapshot_again(world):
+    vm, d = fenced_source(world, "snap-f", world["url"])
+    r = world["hostd"].cli("snapshot", vm, "--output", str(d / "after.svs"))
+    assert r.returncode != 0 and b"fenced" in r.stderr, r.stderr
+    assert not (d / "after.svs").exists(), "an uncommitted snapshot must not be left behind"
+    for v in (vm, vm + "-copy"):
+        world["hostd"].api().delete(f"/v1/vms/{v}")
+
+
+def test_control_fenced_source_snapshots_without_the_generation_check(world):
+    vm, d = fenced_source(world, "snap-fc", world["lax_url"])
+    r = world["hostd"].cli("snapshot", vm, "--output", str(d / "after.svs"))
+    assert r.returncode == 0, r.stderr
+    for v in (vm, vm + "-copy"):
+        world["hostd"].api().delete(f"/v1/vms/{v}")
+
+
+def test_forged_ticket_is_refused_by_the_broker(world):
+    import httpx
+    from sealvm.wire import attest as A
+    ticket = A.advance_ticket(b"\x01" * 32, "snap", generation(world, "snap")["generation"],
+                              b"\x02" * 16, b"\x03" * 16)
+    r = httpx.post(world["url"] + "/v1/generation", json={"ticket": ticket.decode()})
+    assert r.status_code == 403 and "forged" in r.json()["error"]
+    keys = A.parse_vm_keys((world["owner"] / "vms" / "snap" / "keys.json").read_bytes())
+    assert A.check_ticket(keys["snapshot"], A.advance_ticket(keys["snapshot"], "snap", 1,
+                                                             b"\x02" * 16, b"\x03" * 16))
+
+
+# ---- another host: its own network namespace and daemon ----------------------------------
+def test_snapshot_restores_on_another_host_and_fences_the_first(world, host_b):
+    w, b = world, host_b
+    vm = create(w, "snap", "memtouch", MEMTOUCH, "snap-x", b["url"])
+    wait_for(w, vm, r"memtouch t=1 ")
+    s = snapshot(w, vm, snap_dir(w) / "x.svs")
+    moved = b["hostd"].base / "x.svs"            # what an operator copies between hosts
+    shutil.copy(s["path"], moved)
+    os.chmod(moved, 0o644)
+    r = b["hostd"].api().post("/v1/restore", json=dict(
+        snapshot=str(moved), name="snap-x", manifest=str(w["public"] / "vms" / "snap"),
+        broker=b["url"], start=True))
+    assert r.status_code == 201, r.text
+    deadline = time.monotonic() + 20
+    while "memtouch t=" not in b["hostd"].api().get("/v1/vms/snap-x/console").text:
+        assert time.monotonic() < deadline, "the restored VM did not run on host B"
+        time.sleep(0.1)
+    text = b["hostd"].api().get("/v1/vms/snap-x/console").text
+    assert "MISMATCH" not in text and "memtouch base=" not in text
+    again = w["hostd"].cli("snapshot", vm, "--output", str(snap_dir(w) / "x2.svs"))
+    assert again.returncode != 0 and b"fenced" in again.stderr, again.stderr
+    w["hostd"].api().delete(f"/v1/vms/{vm}")
+    b["hostd"].api().delete("/v1/vms/snap-x")
+
+
+def test_guest_secret_is_not_in_the_snapshot(world):
+    w = world
+    vm = create(w, "secret", "canary", "mib=4 secs=600", "secret-a")
+    wait_for(w, vm, "canary ready")
+    secret = read_guest_secret(w["hostd"].api().get(f"/v1/vms/{vm}").json()["pid"])
+    assert len(secret) == 16 and secret != bytes(16)
+    s = snapshot(w, vm, snap_dir(w) / "c.svs")
+    data = s["path"].read_bytes()
+    assert secret not in data
+    # Control: with the owner's key (what the sealing keeps from the host) it is there.
+    from sealvm.wire import attest as A, sealed as SL
+    keys = A.parse_vm_keys((w["owner"] / "vms" / "secret" / "keys.json").read_bytes())
+    plain = b"".join(p for _, p in SL.open_set(keys["snapshot"], "secret", s["generation"],
+                                                "snapshot", data, exact=True))
+    assert secret in plain
+    w["hostd"].api().delete(f"/v1/vms/{vm}")
