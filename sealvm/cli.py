@@ -16,6 +16,10 @@ import argparse
 import re
 import sys
 
+# virtio_mmio devices are appended by the core; panic=-1 turns a guest panic into a reset,
+# which ends the VM with 126 instead of leaving it hung.
+LINUX_DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 pci=off"
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -67,19 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     r = sub.add_parser(
         "run", help="boot one VM in the foreground and exit with the guest's status",
-        description="Boot GUEST (a PVH ELF kernel) in a new KVM virtual machine, show its serial "
-                    "console on stdout (and read stdin when interactive), and exit with the status "
+        description="Boot GUEST (a PVH ELF kernel), or a Linux bzImage given with --kernel "
+                    "(and --initrd), in a new KVM virtual machine, show its serial "
+                    "console on stdout (and send stdin to its serial input), and exit with the status "
                     "the guest writes to its exit port 0xf4. Ctrl-C stops the VM cleanly. "
                     "Exit codes: the guest's status; 125 the VM could not start; 126 the VM "
-                    "crashed; 130 interrupted.")
-    r.add_argument("guest", metavar="GUEST", help="PVH ELF image, e.g. guests/build/hello.elf")
+                    "crashed; 130 interrupted. A Linux guest ends the VM by powering off "
+                    "(status 0); a reboot or a kernel panic (with panic=-1) ends it with 126.")
+    r.add_argument("guest", metavar="GUEST", nargs="?",
+                   help="PVH ELF image, e.g. guests/build/hello.elf (omit with --kernel)")
+    r.add_argument("--kernel", metavar="BZIMAGE",
+                   help="boot this Linux kernel (bzImage, e.g. /boot/vmlinuz-*) with the 64-bit "
+                        "boot protocol; the same as GUEST with --entry linux")
+    r.add_argument("--initrd", metavar="FILE", help="initramfs for --kernel")
     r.add_argument("--memory", "-m", type=parse_size, default=parse_size("256M"),
                    help="guest RAM, e.g. 256M or 1G (default 256M)")
     r.add_argument("--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
     r.add_argument("--cmdline", default="", type=_cmdline,
-                   help="kernel command line passed to the guest (at most 3000 bytes)")
-    r.add_argument("--entry", choices=("pvh", "long"), default="pvh",
-                   help="start at the PVH 32-bit entry (default) or directly in 64-bit long mode")
+                   help="kernel command line passed to the guest (at most 3000 bytes; a Linux "
+                        f"kernel's default is '{LINUX_DEFAULT_CMDLINE}')")
+    r.add_argument("--entry", choices=("pvh", "long", "linux"), default=None,
+                   help="start at the PVH 32-bit entry (default), directly in 64-bit long mode, "
+                        "or boot GUEST as a Linux bzImage ('linux', the default with --kernel)")
     r.add_argument("--no-rng", action="store_true", help="do not attach the virtio-rng device")
     r.add_argument("--console-log", metavar="FILE",
                    help="write the guest console to FILE instead of stdout")

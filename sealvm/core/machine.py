@@ -19,7 +19,7 @@ from .boot.loader import load_guest
 from .bus import Bus
 from .cpu_setup import apply_cpu_state
 from .devices.serial import Serial16550
-from .devices.simple import ExitPort, IdleDoorbell
+from .devices.simple import AcpiPower, ExitPort, IdleDoorbell
 from .devices.virtio.mmio import MmioTransport
 from .devices.virtio.rng import VirtioRng
 from .ioworker import QueueWorker
@@ -30,6 +30,10 @@ from .vcpu import Vcpu, VcpuControl, install_kick_handler
 MAX_VCPUS = 64
 BENCH_MMIO_SINK = 0xD020_0000
 BENCH_IOEVENT_ADDR = 0xD020_1000
+# Linux guests: KVM's VMX real-mode helpers sit just below the BIOS area at 4 GiB (as in QEMU).
+TSS_GPA, IDENTITY_MAP_GPA = 0xFFFB_D000, 0xFFFB_C000
+SERIAL_IRQ = 4
+KVM_CAP_TSC_DEADLINE_TIMER = 72
 NET_KIND = 2                       # AttachKind.NET (wire/portal_ops.py)
 NET_MAC = bytes.fromhex("025345414c01")   # locally administered: 02:53:45:41:4c:01
 
@@ -44,7 +48,8 @@ class MachineConfig:
     memory: int = DEFAULT_MEMORY
     vcpus: int = 1
     cmdline: str = ""
-    entry: str = "pvh"
+    entry: str = "pvh"               # "pvh", "long" (ELF images) or "linux" (a bzImage)
+    initrd: bytes | None = None      # Linux only
     rng: bool = True
     bench_sinks: bool = False
     entropy: Callable[[int], bytes] = os.urandom
@@ -72,8 +77,11 @@ class Machine:
                  on_stopped: Callable[[str, int | None], None] | None = None):
         if not 1 <= config.vcpus <= MAX_VCPUS:
             raise MachineError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {config.vcpus}")
-        if config.entry not in ("pvh", "long"):
-            raise MachineError(f"--entry must be 'pvh' or 'long', not {config.entry!r}")
+        if config.entry not in ("pvh", "long", "linux"):
+            raise MachineError(f"--entry must be 'pvh', 'long' or 'linux', not {config.entry!r}")
+        if config.initrd is not None and config.entry != "linux":
+            raise MachineError("an initrd can only be given to a Linux kernel (entry 'linux')")
+        self.linux = config.entry == "linux"
         self.config = config
         self.console = console
         self._on_stopped = on_stopped
@@ -100,7 +108,12 @@ class Machine:
             self.kvm = Kvm() if cfg.kvm_fd is None else Kvm(fd=os.dup(cfg.kvm_fd))
         except OSError as e:
             raise MachineError(f"cannot open /dev/kvm: {e.strerror}") from None
+        if self.linux:
+            from .boot.bzimage import parse_bzimage
+            parse_bzimage(cfg.image)           # a bad kernel is refused before anything is made
         self.vm = self.kvm.create_vm()
+        if self.linux:
+            self._linux_platform()
         self.memory = cfg.ram_filled or GuestMemory.create(cfg.memory, prefault=cfg.ram.prefault,
                                                            hugepages=cfg.ram.hugepages)
         base = self.memory.host_address()
@@ -112,6 +125,8 @@ class Machine:
         if cfg.restore is not None:
             from .vmstate import finish_restore  # snapshot code loads only when used
             return finish_restore(self, cfg.restore)
+        if self.linux:
+            return self._load_linux()
         words = [f"sealvm.idle={int(IDLE_DOORBELL_GPA):#x}"]
         if cfg.vcpus > 1:
             words.append(f"sealvm.vcpus={cfg.vcpus}")
@@ -129,10 +144,41 @@ class Machine:
             self.vcpus.append(Vcpu(i, fd, self.control, self.pio, self.mmio,
                                    self.console, self._on_stop))
 
+    def _linux_platform(self) -> None:
+        """In-kernel PIC/IOAPIC/LAPICs and PIT, and the serial line on IRQ 4 (Linux only)."""
+        from .kvm import state
+        self.vm.set_tss_addr(TSS_GPA)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_GPA)
+        state.create_irqchip(self.vm)
+        state.create_pit2(self.vm)
+        self.serial = Serial16550(irq=lambda level: state.irq_line(self.vm, SERIAL_IRQ, level))
+
+    def _load_linux(self) -> None:
+        from .boot.bzimage import load_linux
+        from .cpu_setup import linux_cpuid
+        cfg = self.config
+        devices = [(v.gpa, VIRTIO_MMIO_SIZE, v.irq) for v in self.virtio]   # announced by ACPI
+        plan = load_linux(cfg.image, cfg.initrd, self.memory, cfg.cmdline.strip(),
+                          vcpus=cfg.vcpus, virtio=devices)
+        from .kvm import state
+        supported = self.kvm.supported_cpuid()
+        deadline = state.check_extension(self.vm, KVM_CAP_TSC_DEADLINE_TIMER) > 0
+        for i in range(cfg.vcpus):
+            fd = self.vm.create_vcpu(i)
+            fd.set_cpuid2(linux_cpuid(supported, i, cfg.vcpus, deadline))
+            if i == 0:                       # the others wait in the kernel for INIT/SIPI
+                apply_cpu_state(fd, plan.cpus[0])
+            self.vcpus.append(Vcpu(i, fd, self.control, self.pio, self.mmio,
+                                   self.console, self._on_stop))
+
     def _add_devices(self) -> None:
         s = self.serial
         self.pio.add(SERIAL_PORT, s.PORTS, lambda o, n: s.read(o),
                      lambda o, v, n: s.write(o, v), "serial")
+        if self.linux:
+            from .boot.acpi import POWER_PORT
+            pm = AcpiPower()
+            self.pio.add(POWER_PORT, pm.PORTS, pm.read, pm.write, "acpi-pm")
         ep = ExitPort()
         self.pio.add(EXIT_PORT, ep.PORTS, lambda o, n: ep.read(o), ep.write, "exit-port")
         db = IdleDoorbell()
@@ -164,7 +210,14 @@ class Machine:
     def _add_virtio(self, device, name: str) -> None:
         n = len(self.virtio)
         gpa = int(VIRTIO_MMIO_BASE) + n * VIRTIO_MMIO_STRIDE
-        transport = MmioTransport(device, self.memory, interrupt=self._device_event,
+        interrupt = self._device_event
+        if self.linux:                   # the line is raised by the kernel, no exit
+            from .kvm import state
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._extra_fds.append(efd)
+            state.irqfd(self.vm, efd, VIRTIO_MMIO_FIRST_IRQ + n)
+            interrupt = lambda efd=efd: os.eventfd_write(efd, 1)  # noqa: E731
+        transport = MmioTransport(device, self.memory, interrupt=interrupt,
                                   name=f"{name}@{gpa:#x}")
         self.mmio.add(gpa, VIRTIO_MMIO_SIZE, transport.read,
                       lambda o, v, sz, t=transport: t.write(o, sz, v), name)
@@ -189,7 +242,8 @@ class Machine:
         while (transport.process_queue(queue) and not self._stopped.is_set()
                and transport.device.has_work(queue)):
             pass
-        self._device_event()
+        if not self.linux:
+            self._device_event()
 
     def _device_event(self) -> None:
         for v in self.vcpus:

@@ -42,7 +42,7 @@ CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
 PROGRESS_STEP = 64 << 20
 MIGRATION_TIMEOUT = 60.0
-ENTRY_MODES = {1: "pvh", 2: "long"}
+ENTRY_MODES = {1: "pvh", 2: "long", 3: "linux"}
 ATTACH_BLOCK, ATTACH_NET = AttachKind.BLOCK, AttachKind.NET
 ATTACH_NAMES = {k: k.name.lower() for k in AttachKind}
 DEVICE_OF_ATTACH = {ATTACH_BLOCK: "blk", ATTACH_NET: "net"}   # (kind, 0) attached -> device
@@ -107,9 +107,9 @@ class VmService:
     def load_image(self, kind: int, offset: int, total: int, data: bytes) -> None:
         with self._lock:
             self._need(EMPTY)
-            if kind not in (1, 3):
+            if kind not in (1, 2, 3):
                 raise Refused("OUT_OF_RANGE", f"image kind {kind} is not supported by this core")
-            if not 0 < total <= (MAX_IMAGE if kind == 1 else MAX_MANIFEST):
+            if not 0 < total <= (MAX_MANIFEST if kind == 3 else MAX_IMAGE):
                 raise Refused("OUT_OF_RANGE", f"size {total} of image kind {kind} out of range")
             buf = self.blobs.setdefault(kind, [bytearray(), total])
             if offset == 0:
@@ -156,6 +156,11 @@ class VmService:
             if entry not in ENTRY_MODES or flags & ~KNOWN_FLAGS or (
                     flags & FLAG_THP and flags & FLAG_HUGETLB):
                 raise Refused("OUT_OF_RANGE", "unknown entry mode or flags")
+            initrd = self.blobs.get(2)
+            if initrd is not None and (len(initrd[0]) != initrd[1] or ENTRY_MODES[entry] != "linux"):
+                raise Refused("WRONG_STATE", "initrd incomplete, or given for a non-Linux entry")
+            if manifest is not None and ENTRY_MODES[entry] == "linux":
+                raise Refused("FAILED", "an owner manifest for a Linux guest is not supported yet")
             devices = ["rng"] if flags & FLAG_RNG else []
             devices += [DEVICE_OF_ATTACH[k] for k, i in self.attached if k in DEVICE_OF_ATTACH
                         and i == 0]
@@ -170,15 +175,17 @@ class VmService:
                     raise Refused("FAILED", str(e)) from None
             self.config = dict(memory_mib=memory_mib, vcpus=vcpus, entry=ENTRY_MODES[entry],
                                flags=flags, cmdline=cmdline, devices=sorted(devices))
-            self.machine = self._build(self.config, bytes(image))
+            self.machine = self._build(self.config, bytes(image),
+                                       initrd=bytes(initrd[0]) if initrd is not None else None)
             self.blobs.clear()
             self.state = CONFIGURED
 
-    def _build(self, c: dict, image: bytes, restore=None, memory=None) -> Machine:
+    def _build(self, c: dict, image: bytes, restore=None, memory=None,
+               initrd: bytes | None = None) -> Machine:
         huge = ("thp" if c["flags"] & FLAG_THP else "hugetlb" if c["flags"] & FLAG_HUGETLB
                 else None)
         cfg = MachineConfig(image=image, memory=c["memory_mib"] * MiB, vcpus=c["vcpus"],
-                            cmdline=c["cmdline"], entry=c["entry"],
+                            cmdline=c["cmdline"], entry=c["entry"], initrd=initrd,
                             rng=bool(c["flags"] & FLAG_RNG), kvm_fd=self.kvm_fd,
                             bench_sinks=bool(c["flags"] & FLAG_BENCH_SINKS),
                             ram=RamOptions(bool(c["flags"] & FLAG_PREFAULT), huge),

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Core + launcher, counted lines.  Raised only by what a later capability adds
 # (say so in the commit message and in the README's TCB table).
-TCB_BUDGET = 7122
+TCB_BUDGET = 7484
 # The root launcher; with SEALVM_TPM set it also loads sealvm.preboot.tpm (and tpm2-pytss)
 # for the extends it makes before each core starts, and stays alive with it loaded.
 LAUNCHER_MODULES = ["sealvm.launcher.spawn", "sealvm.launcher.protocol", "sealvm.launcher.service",
@@ -37,6 +37,10 @@ LAUNCHER_MODULES = ["sealvm.launcher.spawn", "sealvm.launcher.protocol", "sealvm
 ATTESTED_PATH_MODULES = ["sealvm.core.attestation", "sealvm.wire.attest", "sealvm.wire.bootchannel"]
 # Loaded by a core only when its VM has a network (the measured guest has none).
 NET_MODULES = ["sealvm.core.devices.virtio.net", "sealvm.core.net_tunnel"]
+# Loaded by a core only when its guest is a Linux kernel (the rng guest is an ELF image):
+# the boot protocol, the ACPI tables and the irqchip/irqfd bindings.
+LINUX_GUEST_MODULES = ["sealvm.core.boot.bzimage", "sealvm.core.boot.acpi",
+                       "sealvm.core.kvm.state", "sealvm.core.kvm.state_structs"]
 # Loaded by an attested core before seccomp, for snapshots and restores.
 SNAPSHOT_PATH_MODULES = ["sealvm.core.snapshot", "sealvm.core.migration", "sealvm.core.vmstate", "sealvm.core.vmstate_devices",
                          "sealvm.core.kvm.state", "sealvm.core.kvm.state_structs",
@@ -109,7 +113,7 @@ def measure() -> dict:
     modules = ["sealvm.core.entry" if m == "__main__" else m for m in running_core_modules()]
     project = sorted(set(m for m in modules if m.split(".")[0] == "sealvm")
                      | set(ATTESTED_PATH_MODULES) | set(SNAPSHOT_PATH_MODULES)
-                     | set(NET_MODULES))
+                     | set(LINUX_GUEST_MODULES) | set(NET_MODULES))
     stdlib = sorted(m for m in modules if m.split(".")[0] in sys.stdlib_module_names)
     outside = sorted({m.split(".")[0] for m in modules
                       if m.split(".")[0] != "sealvm" and m not in stdlib}

@@ -98,6 +98,7 @@ MAX_TICKET = 4096              # a snapshot's generation ticket or the broker's 
 class EntryMode(enum.IntEnum):
     PVH = 1
     LONG = 2
+    LINUX = 3         # KERNEL is a bzImage (64-bit boot protocol), INITRD optional
 
 
 class LogLevel(enum.IntEnum):

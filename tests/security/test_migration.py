@@ -29,8 +29,8 @@ class Relay:
     and can flip one byte of it or cut it after some bytes."""
 
     def __init__(self, target: tuple[str, int], flip_at: int | None = None,
-                 cut_at: int | None = None):
-        self.target, self.flip_at, self.cut_at = target, flip_at, cut_at
+                 cut_at: int | None = None, on_cut=None):
+        self.target, self.flip_at, self.cut_at, self.on_cut = target, flip_at, cut_at, on_cut
         self.captured = bytearray()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -47,7 +47,10 @@ class Relay:
                         data = bytearray(data)
                         data[self.flip_at - start] ^= 0x20
                     if self.cut_at is not None and len(self.captured) >= self.cut_at:
-                        break
+                        if self.on_cut is None:
+                            break
+                        self.on_cut()           # e.g. kill the target, then keep relaying
+                        self.cut_at = None
                 dst.sendall(data)
         except OSError:
             pass
@@ -140,11 +143,17 @@ def test_migrated_vm_keeps_running_and_the_old_copy_stops(world, host_b):
     cleanup(w, b, "mig-a")
 
 
-def test_cut_stream_leaves_the_vm_running_on_the_source(world, host_b):
+@pytest.mark.parametrize("how", ["stream cut", "target core killed"])
+def test_failure_mid_stream_leaves_the_vm_running_on_the_source(world, host_b, how):
     w, b = world, host_b
-    vm = create(w, "snap", "memtouch", MEMTOUCH, "mig-cut", b["url"])
+    vm = create(w, "snap", "memtouch", MEMTOUCH, f"mig-cut{len(how)}", b["url"])
     wait_for(w, vm, r"memtouch t=1 ")
-    m, state, fin, _ = migrate(w, b, vm, "mig-cut", {"cut_at": 3 << 20})
+
+    def kill_target():
+        os.kill(b["hostd"].api().get(f"/v1/vms/{vm}").json()["pid"], 9)
+    kw = {"cut_at": 3 << 20} if how == "stream cut" else {"cut_at": 3 << 20,
+                                                          "on_cut": kill_target}
+    m, state, fin, _ = migrate(w, b, vm, vm, kw)
     assert m.status_code >= 400 and "stays here" in m.json()["detail"], m.text
     assert state == "failed"
     assert w["hostd"].api().get(f"/v1/vms/{vm}").json()["state"] == "running"
@@ -226,7 +235,8 @@ def test_old_copy_cannot_resume_after_the_target_took_over(world, host_b):
         pc.hello()
         with pytest.raises(PortalRefused, match="migrated away"):
             pc.call(Op.RESUME)
-    fin = w["hostd"].api().post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": False})
+        fin = w["hostd"].api().post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": False})
+        pc.call(Op.STOP)                  # this connection holds the core's token now
     assert fin.json()["state"] == "stopped" and "fenced" in fin.json()["stop_reason"]
     cleanup(w, b, "mig-f")
 
