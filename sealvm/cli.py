@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --net: hand the core a UDP socket connected to the gateway instead "
                         "of relaying its datagrams through this process (faster; the host still "
                         "chooses the destination and sees only sealed datagrams)")
+    r.add_argument("--disk", metavar="FILE",
+                   help="attach a sealed disk image (made by `sealvm disk create`) as a "
+                        "virtio-blk device; the key comes from the owner's broker")
     r.add_argument("--bench-sinks", action="store_true", help=argparse.SUPPRESS)
 
     h = sub.add_parser(
@@ -152,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_vm_parser(sub, parse_size)
     from .owner.cli import add_parser as add_owner_parser
     add_owner_parser(sub)
+    from .owner.disk import add_parser as add_disk_parser
+    add_disk_parser(sub)
     sub.add_parser("measure", help="print this host's root key and core measurement (for the "
                                    "owner's policy)",
                    description="Measure the core as the launcher does before every VM and print "
@@ -208,6 +213,9 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "owner":
         from .owner.cli import run as run_owner
         return run_owner(args)
+    if args.command == "disk":
+        from .owner.disk import run as run_disk
+        return run_disk(args)
     if args.command == "vm":
         from .host.cli_vm import run as run_vm_command
         return run_vm_command(args)

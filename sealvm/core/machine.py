@@ -28,6 +28,7 @@ from .memory import GuestMemory, RamOptions
 from .vcpu import Vcpu, VcpuControl, install_kick_handler
 
 MAX_VCPUS = 64
+ATTACH_BLOCK = 1                    # wire.portal_ops.AttachKind.BLOCK
 BENCH_MMIO_SINK = 0xD020_0000
 BENCH_IOEVENT_ADDR = 0xD020_1000
 # Linux guests: KVM's VMX real-mode helpers sit just below the BIOS area at 4 GiB (as in QEMU).
@@ -62,6 +63,7 @@ class MachineConfig:
     net_key: Callable[[], bytes] | None = None   # the tunnel key, asked for at start
     net_report: Callable[[str], None] = lambda m: None   # tunnel counters for the host's log
     net_options: dict = field(default_factory=dict)     # Tunnel() options (tests: rekey limits)
+    disk_report: Callable[[str], None] = lambda message: None   # tampering/storage errors
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Machine:
         self._stopped = threading.Event()
         self._extra_fds: list[int] = []
         self.net = None
+        self.blk = None
 
     # ---- build --------------------------------------------------------
     def build(self) -> None:
@@ -185,6 +188,10 @@ class Machine:
         self.mmio.add(IDLE_DOORBELL_GPA, db.SIZE, db.read, db.write, "idle-doorbell")
         if self.config.rng:
             self._add_virtio(VirtioRng(entropy=self.config.entropy), "virtio-rng")
+        if (ATTACH_BLOCK, 0) in self.config.attached:
+            from .devices.virtio.blk import VirtioBlk   # loads only with a disk
+            self.blk = VirtioBlk(report=self.config.disk_report, serial=b"sealvm-disk0")
+            self._add_virtio(self.blk, "virtio-blk")
         net_fd = self.config.attached.get((NET_KIND, 0))
         if net_fd is not None:
             self._add_net(net_fd)
@@ -228,6 +235,22 @@ class Machine:
             slot.workers.append(w)
         self.virtio.append(slot)
         return slot
+
+    def open_disk(self, key: bytes, min_generation: int = 0) -> str:
+        """Check the attached disk with its key (before the guest runs); DiskError if bad."""
+        from .diskseal import FileIO, SealedDisk
+        from .sandbox.switches import disabled
+        disk = SealedDisk(FileIO(self.config.attached[(ATTACH_BLOCK, 0)]), key,
+                          min_generation=min_generation, verify=not disabled("disk_integrity"))
+        self.blk.open(disk)
+        return f"disk: {disk.blocks * 4} KiB sealed, generation {disk.generation}"
+
+    def _commit_disk(self) -> None:
+        """A clean stop commits writes the guest did not flush (a crash would lose them)."""
+        try:
+            self.blk.disk.flush()
+        except (OSError, ValueError) as e:
+            self.config.disk_report(f"disk: final commit failed: {e}")
 
     def capture_state(self) -> dict:
         """vmstate.capture_vm: the state of this paused machine (refused while running)."""
@@ -307,6 +330,8 @@ class Machine:
         for slot in self.virtio:
             for w in slot.workers:
                 w.stop()
+        if self.blk is not None and self.blk.disk is not None:
+            self._commit_disk()
         if self.net is not None:
             self.net.stop()
         for fd in self._extra_fds + list(self.config.attached.values()):

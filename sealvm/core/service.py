@@ -189,6 +189,7 @@ class VmService:
                             rng=bool(c["flags"] & FLAG_RNG), kvm_fd=self.kvm_fd,
                             bench_sinks=bool(c["flags"] & FLAG_BENCH_SINKS),
                             ram=RamOptions(bool(c["flags"] & FLAG_PREFAULT), huge),
+                            disk_report=self._disk_report,
                             attached={k: self.attached.pop(k) for k in list(self.attached)
                                       if k[0] in DEVICE_OF_ATTACH}, restore=restore,
                             ram_filled=memory, **self._net_config(c["devices"]))
@@ -418,12 +419,35 @@ class VmService:
                     "attestation: " + self.attestation.result)})
                 if self.machine.net is not None and "net" not in (self.attestation.keys or {}):
                     raise Refused("FAILED", "the owner's broker released no net key")
+            if self.machine.blk is not None:
+                self._open_disk()
             if self.attestation is not None and self.attestation.keys is not None:
                 from . import migration, snapshot  # noqa: F401  (no imports after seccomp)
             self._before_start()
             self.state = RUNNING
             self.machine.start()
         self._report_modules()
+
+    def _open_disk(self) -> None:
+        """The disk key: the owner's (attested) or, in test mode only, the environment's."""
+        from .diskseal import DiskError
+        from .sandbox.switches import test_disk_key
+        if self.attestation is not None:
+            key = (self.attestation.keys or {}).get("disk")
+        else:
+            key = test_disk_key()
+        if key is None:
+            raise Refused("FAILED", "a disk is attached but there is no disk key (the owner "
+                                    "releases it to an attested core)")
+        try:
+            line = self.machine.open_disk(key)
+        except (DiskError, OSError) as e:
+            self._emit("LOG", {"level": 40, "message": clip(f"disk refused: {e}")})
+            raise Refused("FAILED", f"disk refused: {e}") from None
+        self._emit("LOG", {"level": 20, "message": clip(line)})
+
+    def _disk_report(self, message: str) -> None:
+        self._emit("LOG", {"level": 40, "message": clip(message)})
 
     def _report_modules(self) -> None:
         """Tell the host which modules this core runs with (the TCB tool counts them)."""
@@ -469,7 +493,17 @@ class VmService:
                     stop_reason=clip(self.stop_reason),
                     vcpus=len(m.vcpus) if m else 0,
                     memory_mib=(m.config.memory // MiB) if m else 0,
-                    exits=sum(v.exits for v in m.vcpus) if m else 0)
+                    exits=sum(v.exits for v in m.vcpus) if m else 0,
+                    **self._disk_counters(m))
+
+    @staticmethod
+    def _disk_counters(m) -> dict:
+        blk = m.blk if m else None
+        disk = blk.disk if blk else None
+        return dict(disk_requests=blk.requests if blk else 0,
+                    disk_tampered=blk.tampered if blk else 0,
+                    disk_io_errors=blk.io_errors if blk else 0,
+                    disk_generation=disk.generation if disk else 0)
 
     # ---- from the machine -----------------------------------------------
     def _console(self, data: bytes) -> None:

@@ -37,6 +37,9 @@ class CreateVm(BaseModel):
                             "manifest)")
     net_direct: bool = Field(default=False, description="with `net`: hand the core a UDP socket "
                              "connected to the gateway instead of relaying in the daemon")
+    disk: str | None = Field(default=None, description="a sealed disk image (`sealvm disk "
+                             "create`) the daemon opens and hands to the core as a virtio-blk "
+                             "device; the daemon never holds its key")
 
 
 class VmView(BaseModel):
@@ -49,6 +52,7 @@ class VmView(BaseModel):
     rng: bool
     net: str = ""
     net_direct: bool = False
+    disk: str = ""
     state: str
     pid: int
     uid: int
@@ -71,6 +75,8 @@ class IncomingSpec(BaseModel):
     owner_pub: str | None = None
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
     listen: str = Field(default="127.0.0.1", description="address the stream is taken on")
+    disk: str | None = Field(default=None, description="the VM's sealed disk as this host "
+                             "reaches it (shared storage)")
 
 
 class MigrateSpec(BaseModel):
@@ -88,6 +94,8 @@ class RestoreSpec(BaseModel):
     owner_pub: str | None = None
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
     start: bool = Field(default=True, description="run the restored VM right away")
+    disk: str | None = Field(default=None, description="the VM's sealed disk image, when it "
+                             "had one (the daemon opens it; the core checks it)")
 
 
 def _errors(fn):
@@ -125,7 +133,7 @@ def build_app(manager: VmManager) -> FastAPI:
                 bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
             rec = manager.create(spec.name, spec.image, spec.memory_mib, spec.vcpus, spec.cmdline,
                                  spec.entry, spec.rng, bundle, spec.broker if bundle else "",
-                                 net=spec.net, net_direct=spec.net_direct)
+                                 net=spec.net, net_direct=spec.net_direct, disk=spec.disk)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()
@@ -144,7 +152,7 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker)
+            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker, spec.disk)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()
@@ -156,7 +164,7 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            return manager.incoming(spec.name, bundle, spec.broker, spec.listen)
+            return manager.incoming(spec.name, bundle, spec.broker, spec.listen, spec.disk)
         return _errors(go)
 
     @app.post("/v1/vms/{vm_id}/migrate")

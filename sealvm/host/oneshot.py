@@ -225,6 +225,18 @@ def core_exit_reason(handle) -> str:
     return f"the core exited with status {rc}"
 
 
+def _report_disk(link) -> None:
+    """The core's disk counters (QUERY), on stderr."""
+    from .corelink import CoreRefused
+    try:
+        q = link.query()
+    except (CoreRefused, RuntimeError, OSError):
+        return
+    print(f"sealvm: disk: {q['disk_requests']} requests, {q['disk_tampered']} tampering "
+          f"detected, {q['disk_io_errors']} host I/O errors, generation {q['disk_generation']}",
+          file=sys.stderr)
+
+
 def _forward_stdin(link, stopped: threading.Event) -> None:
     """Copy our stdin to the guest's serial console until EOF or the VM stops (not from a
     terminal we do not own: reading it from the background would stop us with SIGTTIN)."""
@@ -267,6 +279,12 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
                 from ..wire.portal_ops import AttachKind
                 link.attach(AttachKind.NET, 0, relay.core_end.fileno())
                 relay.start()
+            if getattr(args, "disk", None):
+                from .backends.blockfile import DiskFileError, attach_disk
+                try:
+                    attach_disk(link, args.disk)
+                except DiskFileError as e:
+                    return _fail(str(e))
             link.configure(memory_mib, args.vcpus, args.entry,
                            flags, args.cmdline)
             link.start()
@@ -282,6 +300,8 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
             print("\nsealvm: stopped (Ctrl-C)", file=sys.stderr)
             return EXIT_INTERRUPTED
         status, reason = link.stopped
+        if getattr(args, "disk", None):
+            _report_disk(link)
         if status < 0:
             print(f"sealvm: VM stopped: {reason}", file=sys.stderr)
             return EXIT_VM_CRASHED

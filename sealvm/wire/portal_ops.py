@@ -177,7 +177,10 @@ _SPECS = (
     # state and counters; exit_status -1 while none
     OpSpec(Op.QUERY, "QUERY", Kind.REQUEST, CAP_VM, (),
            (_STATE, I32("exit_status"), Str("stop_reason", MAX_MESSAGE),
-            U16("vcpus", hi=MAX_VCPUS), U32("memory_mib", hi=MAX_MEMORY_MIB), U64("exits"))),
+            U16("vcpus", hi=MAX_VCPUS), U32("memory_mib", hi=MAX_MEMORY_MIB), U64("exits"),
+            # the sealed disk: requests served, tampering detected, host I/O errors, commits
+            U64("disk_requests"), U64("disk_tampered"), U64("disk_io_errors"),
+            U64("disk_generation"))),
     # bytes for the guest's serial console
     OpSpec(Op.CONSOLE_INPUT, "CONSOLE_INPUT", Kind.REQUEST, CAP_VM,
            (Bytes("data", MAX_CONSOLE_INPUT),)),

@@ -275,3 +275,43 @@ def test_guest_secret_never_crosses_the_wire_in_the_clear(world, host_b):
     assert secret in plain.captured
     w["hostd"].api().post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": True})
     cleanup(w, b, "mig-s")
+
+
+def test_vm_with_a_sealed_disk_migrates_and_reads_back_what_it_wrote(world, host_b):
+    """blkbench writes its pattern and sleeps; it is migrated meanwhile (the disk file is
+    shared storage both hosts reach); on the target it reads every block back."""
+    import shutil
+    import subprocess
+    import sys
+    from tests.conftest import ROOT, guest_image
+    from tests.security.owner_world import BLKBENCH
+    w, b = world, host_b
+    disk = w["base"] / "mig-dsk.img"
+    r = subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", "4M", "-o",
+                        str(disk), "--owner", str(w["owner"]), "--vm", "dsk"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.chown(disk, 63970, 63970)
+    r = w["hostd"].api().post("/v1/vms", json=dict(
+        image=str(guest_image("blkbench")), name="mdsk", memory_mib=64, cmdline=BLKBENCH,
+        start=True, manifest=str(w["public"] / "vms" / "dsk"), broker=b["url"],
+        disk=str(disk)))
+    assert r.status_code == 201, r.text
+    wait_for(w, "mdsk", "blkbench sleeping")
+    r = b["hostd"].api().post("/v1/incoming", json=dict(
+        name="mdsk", manifest=str(w["public"] / "vms" / "dsk"), broker=b["url"],
+        listen="10.201.0.2", disk=str(disk)))
+    assert r.status_code == 201, r.text
+    m = w["hostd"].api().post("/v1/vms/mdsk/migrate", json={"to": f"10.201.0.2:{r.json()['port']}"})
+    assert m.status_code == 200, m.text
+    deadline = time.monotonic() + 30
+    while b["hostd"].api().get("/v1/vms/mdsk").json()["state"] != "running":
+        assert time.monotonic() < deadline, b["hostd"].api().get("/v1/vms/mdsk").json()
+        time.sleep(0.05)
+    w["hostd"].api().post("/v1/vms/mdsk/migrate/finish", json={"taken_over": True})
+    deadline = time.monotonic() + 60
+    while "blkbench done" not in (text := b["hostd"].api().get("/v1/vms/mdsk/console").text):
+        assert time.monotonic() < deadline, text[-1000:]
+        time.sleep(0.1)
+    assert "blkbench done errors=0 mismatches=0" in text and "blkbench seqwrite" not in text
+    cleanup(w, b, "mdsk")

@@ -37,7 +37,8 @@ REPLIES = {
     Op.MIGRATE_IN: dict(ticket=b"{}", generation=9, bytes=0),
     Op.HELLO: dict(core_version=1, vm_token=TOKEN, state=P.VmState.EMPTY),
     Op.QUERY: dict(state=P.VmState.RUNNING, exit_status=-1, stop_reason="", vcpus=2,
-                   memory_mib=64, exits=12345678901),
+                   memory_mib=64, exits=12345678901, disk_requests=7, disk_tampered=1,
+                   disk_io_errors=0, disk_generation=42),
 }
 EVENTS = {
     Op.CONSOLE_OUTPUT: dict(data=b"hello\r\n"),
