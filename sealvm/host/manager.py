@@ -119,6 +119,7 @@ class VmManager:
         vm_id = new_vm_id(name)
         if entry not in ("pvh", "long"):
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
+        gateway = None
         if net:
             from .netrelay import parse_address
             gateway = parse_address(net)
@@ -126,13 +127,13 @@ class VmManager:
         disk_fd = open_disk_file(disk) if disk else None    # before any core exists
         try:
             return self._create(vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng,
-                                manifest, broker, disk, disk_fd)
+                                manifest, broker, disk, disk_fd, net, net_direct, gateway)
         finally:
             if disk_fd is not None:
                 os.close(disk_fd)
 
     def _create(self, vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng, manifest,
-                broker, disk, disk_fd) -> VmRecord:
+                broker, disk, disk_fd, net=None, net_direct=False, gateway=None) -> VmRecord:
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
