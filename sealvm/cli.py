@@ -53,6 +53,15 @@ def _cmdline(text: str) -> str:
     return text
 
 
+def _net_address(text: str) -> str:
+    from .host.netrelay import parse_address
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sealvm",
@@ -114,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "--manifest)")
     r.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
                    help="the owner's key broker (default %(default)s)")
+    r.add_argument("--net", metavar="GATEWAY_HOST:PORT", type=_net_address,
+                   help="give the guest a virtio-net card whose frames the core seals into a "
+                        "tunnel to the owner's gateway (`sealvm owner gateway`) at this UDP "
+                        "address; this process only relays the sealed datagrams. The tunnel key "
+                        "is the VM's net key, released with --manifest")
+    r.add_argument("--net-direct", action="store_true",
+                   help="with --net: hand the core a UDP socket connected to the gateway instead "
+                        "of relaying its datagrams through this process (faster; the host still "
+                        "chooses the destination and sees only sealed datagrams)")
     r.add_argument("--disk", metavar="FILE",
                    help="attach a sealed disk image (made by `sealvm disk create`) as a "
                         "virtio-blk device; the key comes from the owner's broker")

@@ -8,6 +8,7 @@ threads; `wait()` returns the guest's exit status.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +35,8 @@ BENCH_IOEVENT_ADDR = 0xD020_1000
 TSS_GPA, IDENTITY_MAP_GPA = 0xFFFB_D000, 0xFFFB_C000
 SERIAL_IRQ = 4
 KVM_CAP_TSC_DEADLINE_TIMER = 72
+NET_KIND = 2                       # AttachKind.NET (wire/portal_ops.py)
+NET_MAC = bytes.fromhex("025345414c01")   # locally administered: 02:53:45:41:4c:01
 
 
 # Every vCPU of a Linux guest starts with the syscall/sysenter MSRs clear, the TSCs equal
@@ -65,6 +68,9 @@ class MachineConfig:
     ram_filled: object | None = None  # a GuestMemory received already (migration target)
     # fds the host attached for devices, (AttachKind, index) -> fd; the machine owns them
     attached: dict = field(default_factory=dict)
+    net_key: Callable[[], bytes] | None = None   # the tunnel key, asked for at start
+    net_report: Callable[[str], None] = lambda m: None   # tunnel counters for the host's log
+    net_options: dict = field(default_factory=dict)     # Tunnel() options (tests: rekey limits)
     disk_report: Callable[[str], None] = lambda message: None   # tampering/storage errors
 
 
@@ -102,6 +108,7 @@ class Machine:
         self.stop_reason = ""
         self._stopped = threading.Event()
         self._extra_fds: list[int] = []
+        self.net = None
         self.blk = None
 
     # ---- build --------------------------------------------------------
@@ -194,11 +201,27 @@ class Machine:
             from .devices.virtio.blk import VirtioBlk   # loads only with a disk
             self.blk = VirtioBlk(report=self.config.disk_report, serial=b"sealvm-disk0")
             self._add_virtio(self.blk, "virtio-blk")
+        net_fd = self.config.attached.get((NET_KIND, 0))
+        if net_fd is not None:
+            self._add_net(net_fd)
         if self.config.bench_sinks:
             self.mmio.add(BENCH_MMIO_SINK, 0x1000, lambda o, n: 0, lambda o, v, n: None, "bench-sink")
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._extra_fds.append(efd)
             self.vm.ioeventfd(efd, BENCH_IOEVENT_ADDR, 4)
+
+    def _add_net(self, fd: int) -> None:
+        from .devices.virtio.net import VirtioNet   # loaded only for a VM with a network
+        if self.config.net_key is None:
+            raise MachineError("a network was attached but this core has no network key "
+                               "(it needs the owner's manifest and key broker)")
+        link = socket.socket(fileno=os.dup(fd))
+        if link.type not in (socket.SOCK_SEQPACKET, socket.SOCK_DGRAM):
+            link.close()
+            raise MachineError("the attached network link is not a datagram socket")
+        self.net = VirtioNet(link, self.config.net_key, NET_MAC, report=self.config.net_report,
+                             tunnel_options=self.config.net_options)
+        self._add_virtio(self.net, "virtio-net")
 
     def _add_virtio(self, device, name: str) -> None:
         n = len(self.virtio)
@@ -220,6 +243,7 @@ class Machine:
             self.vm.ioeventfd(w.fd, gpa + 0x50, 4, datamatch=q)
             slot.workers.append(w)
         self.virtio.append(slot)
+        return slot
 
     def open_disk(self, key: bytes, min_generation: int = 0) -> str:
         """Check the attached disk with its key (before the guest runs); DiskError if bad."""
@@ -247,7 +271,8 @@ class Machine:
         # Guests here poll their used rings and may park on the idle doorbell
         # meanwhile: wake them after every batch, whatever the driver's
         # interrupt suppression says.
-        while transport.process_queue(queue) and not self._stopped.is_set():
+        while (transport.process_queue(queue) and not self._stopped.is_set()
+               and transport.device.has_work(queue)):
             pass
         if not self.linux:
             self._device_event()
@@ -271,6 +296,9 @@ class Machine:
             self._on_stopped(why, status)
 
     def start(self) -> None:
+        if self.net is not None:
+            t = next(s.transport for s in self.virtio if s.transport.device is self.net)
+            self.net.start(lambda: self._serve(t, 0))
         for slot in self.virtio:
             for w in slot.workers:
                 w.start()
@@ -313,6 +341,8 @@ class Machine:
                 w.stop()
         if self.blk is not None and self.blk.disk is not None:
             self._commit_disk()
+        if self.net is not None:
+            self.net.stop()
         for fd in self._extra_fds + list(self.config.attached.values()):
             os.close(fd)
         self.config.attached.clear()

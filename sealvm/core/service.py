@@ -192,7 +192,7 @@ class VmService:
                             disk_report=self._disk_report,
                             attached={k: self.attached.pop(k) for k in list(self.attached)
                                       if k[0] in DEVICE_OF_ATTACH}, restore=restore,
-                            ram_filled=memory)
+                            ram_filled=memory, **self._net_config(c["devices"]))
         machine = Machine(cfg, self._console, on_stopped=self._stopped)
         try:
             machine.build()
@@ -383,6 +383,26 @@ class VmService:
             return dict(ticket=self._new_ticket(att.keys["snapshot"], os.urandom(16)),
                         generation=att.generation + 1, bytes=0)
 
+    def _net_config(self, devices: list[str]) -> dict:
+        """The network tunnel's key source: the owner's attested key, or a test key."""
+        if "net" not in devices:
+            return {}
+        from .sandbox import switches
+        report = (lambda m: self._emit("LOG", {"level": 20, "message": clip(m)}))
+        opts = dict(net_report=report, net_options=dict(
+            switches.test_net_options(), replay_check=not switches.disabled("net_replay"),
+            seal_frames=not switches.disabled("net_seal")))
+        if self.attestation is not None:
+            return dict(opts, net_key=lambda: self.attestation.keys["net"])
+        try:
+            key = switches.test_net_key()
+        except ValueError as e:
+            raise Refused("FAILED", str(e)) from None
+        if key is None:
+            raise Refused("FAILED", "a network needs the owner's key: configure the VM with its "
+                                    "signed manifest (the key broker releases the net key)")
+        return dict(opts, net_key=lambda: key)
+
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
         with self._lock:
@@ -398,6 +418,8 @@ class VmService:
                     raise Refused("FAILED", str(e)) from None
                 self._emit("LOG", {"level": 20, "message": clip(
                     "attestation: " + self.attestation.result)})
+                if self.machine.net is not None and "net" not in (self.attestation.keys or {}):
+                    raise Refused("FAILED", "the owner's broker released no net key")
             if self.machine.blk is not None:
                 self._open_disk()
             if self.attestation is not None and self.attestation.keys is not None:

@@ -31,6 +31,12 @@ class CreateVm(BaseModel):
     owner_pub: str | None = Field(default=None, description="the owner's owner.pub.json (default: "
                                   "two levels above `manifest`)")
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
+    net: str | None = Field(default=None, max_length=300, description="GATEWAY_HOST:PORT: give "
+                            "the guest a network card sealed into a tunnel to the owner's gateway "
+                            "(the daemon relays the sealed datagrams; the key comes with the "
+                            "manifest)")
+    net_direct: bool = Field(default=False, description="with `net`: hand the core a UDP socket "
+                             "connected to the gateway instead of relaying in the daemon")
     disk: str | None = Field(default=None, description="a sealed disk image (`sealvm disk "
                              "create`) the daemon opens and hands to the core as a virtio-blk "
                              "device; the daemon never holds its key")
@@ -44,6 +50,8 @@ class VmView(BaseModel):
     cmdline: str
     entry: str
     rng: bool
+    net: str = ""
+    net_direct: bool = False
     disk: str = ""
     state: str
     pid: int
@@ -127,7 +135,7 @@ def build_app(manager: VmManager) -> FastAPI:
                 bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
             rec = manager.create(spec.name, spec.image, spec.memory_mib, spec.vcpus, spec.cmdline,
                                  spec.entry, spec.rng, bundle, spec.broker if bundle else "",
-                                 disk=spec.disk)
+                                 net=spec.net, net_direct=spec.net_direct, disk=spec.disk)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()

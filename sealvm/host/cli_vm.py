@@ -28,6 +28,12 @@ def add_parser(sub, parse_size) -> None:
     c.add_argument("--disk", metavar="FILE", help="a sealed disk image (sealvm disk create) to "
                                                   "attach as a virtio-blk device")
     c.add_argument("--manifest", metavar="DIR", help="the owner's signed manifest directory")
+    c.add_argument("--net", metavar="GATEWAY_HOST:PORT",
+                   help="a network card sealed into a tunnel to the owner's gateway at this UDP "
+                        "address (`sealvm owner gateway`); the daemon relays the sealed datagrams")
+    c.add_argument("--net-direct", action="store_true",
+                   help="with --net: the core gets a UDP socket connected to the gateway "
+                        "(no relay in the daemon; survives a daemon restart)")
     c.add_argument("--owner-pub", metavar="FILE", help="the owner's owner.pub.json")
     c.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
                    help="the owner's key broker (default %(default)s)")
@@ -172,7 +178,7 @@ def run(args) -> int:
                         entry=args.entry, rng=not args.no_rng, start=args.start,
                         manifest=os.path.abspath(args.manifest) if args.manifest else None,
                         owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
-                        broker=args.broker,
+                        broker=args.broker, net=args.net, net_direct=args.net_direct,
                         disk=os.path.abspath(args.disk) if args.disk else None)
             r = http.post("/v1/vms", json=body)
             _check(r)

@@ -84,6 +84,7 @@ class VmManager:
         self.progress: dict[str, tuple[int, int]] = {}
         self.timings: dict[str, dict] = {}   # the last restore's phases, per VM
         self.pending_migrations: dict[str, bytes] = {}   # VM -> its resume ticket
+        self.relays: dict = {}      # vm id -> netrelay.Relay moving its sealed datagrams
 
     # ---- start-up ------------------------------------------------------
     def reattach_all(self) -> None:
@@ -113,27 +114,32 @@ class VmManager:
 
     # ---- lifecycle -------------------------------------------------------
     def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
-               manifest: bytes | None = None, broker: str = "",
-               disk: str | None = None) -> VmRecord:
+               manifest: bytes | None = None, broker: str = "", net: str | None = None,
+               net_direct: bool = False, disk: str | None = None) -> VmRecord:
         vm_id = new_vm_id(name)
         if entry not in ("pvh", "long"):
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
+        gateway = None
+        if net:
+            from .netrelay import parse_address
+            gateway = parse_address(net)
         data = read_image(image)
         disk_fd = open_disk_file(disk) if disk else None    # before any core exists
         try:
             return self._create(vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng,
-                                manifest, broker, disk, disk_fd)
+                                manifest, broker, disk, disk_fd, net, net_direct, gateway)
         finally:
             if disk_fd is not None:
                 os.close(disk_fd)
 
     def _create(self, vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng, manifest,
-                broker, disk, disk_fd) -> VmRecord:
+                broker, disk, disk_fd, net=None, net_direct=False, gateway=None) -> VmRecord:
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
             rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng,
-                           broker=broker, disk=os.path.abspath(disk) if disk else "")
+                           broker=broker, net=net or "", net_direct=bool(net and net_direct),
+                           disk=os.path.abspath(disk) if disk else "")
             self.records[vm_id] = rec
         try:
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib,
@@ -145,6 +151,8 @@ class VmManager:
                 link.load_image(manifest, kind=3)
             if disk_fd is not None:
                 link.attach(AttachKind.BLOCK, 0, disk_fd)
+            if net:
+                self._attach_net(vm_id, link, gateway, net_direct)
             link.configure(memory_mib, vcpus, entry, CONFIG_FLAG_RNG if rng else 0, cmdline)
         except (CoreRefused, OSError) as e:
             rec.state, rec.stop_reason = "failed", str(e)
@@ -402,10 +410,32 @@ class VmManager:
             link.wait_closed(5)
         self._release(vm_id)
 
+    def _attach_net(self, vm_id: str, link: CoreLink, gateway: tuple[str, int],
+                    direct: bool) -> None:
+        """Give the core its network fd: our relay's socketpair end, or a connected UDP socket."""
+        from ..wire.portal_ops import AttachKind
+        from .netrelay import DirectLink, Relay
+        try:
+            relay = (DirectLink if direct else Relay)(gateway)
+        except ValueError as e:
+            raise CoreRefused(str(e)) from None
+        try:
+            link.attach(AttachKind.NET, 0, relay.core_end.fileno())
+        except BaseException:
+            relay.close()
+            raise
+        if direct:
+            relay.close()            # the core has its own copy; nothing here moves datagrams
+        else:
+            self.relays[vm_id] = relay.start()
+
     def _release(self, vm_id: str) -> None:
         link = self.links.pop(vm_id, None)
         if link is not None:
             link.close()
+        relay = self.relays.pop(vm_id, None)
+        if relay is not None:
+            relay.close()
 
     def _set_state(self, rec: VmRecord, state: str) -> None:
         rec.state = state

@@ -108,7 +108,13 @@ def read_manifest_bundle(manifest: str, owner_pub: str | None, broker: str) -> b
         raise ValueError(f"cannot read the owner's manifest or keys: {e}") from None
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt      # SIGTERM stops the VM as Ctrl-C does (else its core lingers)
+
+
 def run_oneshot(args) -> int:
+    import signal
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     except KeyboardInterrupt:     # Ctrl-C at any point: the core has been stopped or killed
@@ -152,7 +158,11 @@ def _run(args) -> int:
     try:
         flags = config_flags(args, memory_mib)
         manifest = manifest_bundle(args)
-    except ValueError as e:
+        relay = None
+        if getattr(args, "net", None):
+            from .netrelay import DirectLink, Relay, parse_address
+            relay = (DirectLink if args.net_direct else Relay)(parse_address(args.net))
+    except (ValueError, OSError) as e:
         return _fail(str(e))
     console_fd = 1
     if args.console_log:
@@ -176,8 +186,11 @@ def _run(args) -> int:
         if problem:
             handle.process.kill()
             return _fail(problem)
-        return _drive(handle, image, manifest, memory_mib, flags, args, console_fd, initrd)
+        return _drive(handle, image, manifest, memory_mib, flags, args, console_fd, initrd,
+                      relay)
     finally:
+        if relay is not None:
+            relay.close()
         if handle is not None:
             try:       # after STOP the core exits by itself; otherwise it never got going
                 handle.process.wait(10 if handle.process.poll() is None and _stopped(handle) else 0)
@@ -248,7 +261,7 @@ def _forward_stdin(link, stopped: threading.Event) -> None:
 
 
 def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags: int, args,
-           console_fd: int, initrd: bytes | None = None) -> int:
+           console_fd: int, initrd: bytes | None = None, relay=None) -> int:
     from .corelink import CoreLink, CoreRefused
     stopped = threading.Event()
     link = CoreLink(handle.vm_id, handle.portal, None,
@@ -263,6 +276,10 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
                 link.load_image(initrd, kind=2)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
+            if relay is not None:
+                from ..wire.portal_ops import AttachKind
+                link.attach(AttachKind.NET, 0, relay.core_end.fileno())
+                relay.start()
             if getattr(args, "disk", None):
                 from .backends.blockfile import DiskFileError, attach_disk
                 try:

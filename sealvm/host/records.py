@@ -28,6 +28,8 @@ class VmRecord:
     cmdline: str = ""
     entry: str = "pvh"
     rng: bool = True
+    net: str = ""             # the owner's gateway, HOST:PORT ("" = no network card)
+    net_direct: bool = False  # the core holds a connected UDP socket (no relay in the daemon)
     disk: str = ""            # the sealed disk image attached at create, if any
     state: str = "creating"   # creating, configured, running, paused, stopped, lost, failed
     pid: int = 0

@@ -157,7 +157,7 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
             [f"--{k}-fd={v}" for k, v in fds.items()]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         for k in ("SEALVM_TEST_MODE", "SEALVM_INSECURE_TEST_DISABLE", "SEALVM_PREBOOT_TEST_EXTEND",
-                  "SEALVM_TEST_DISK_KEY"):
+                  "SEALVM_TEST_NET_KEY", "SEALVM_TEST_NET_REKEY", "SEALVM_TEST_DISK_KEY"):
             if k in os.environ:
                 env[k] = os.environ[k]
         kw = {}

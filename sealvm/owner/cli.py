@@ -134,6 +134,9 @@ def add_parser(sub) -> None:
     v.add_argument("--signature", metavar="FILE",
                    help="the evidence signature: 64 raw bytes or 128 hex digits")
 
+    from .gateway import add_parser as add_gateway_parser
+    add_gateway_parser(actions)
+
 
 def _need_dir(args) -> Path:
     if not args.dir:
@@ -232,6 +235,9 @@ def run(args) -> int:
             return 0
         if cmd == "policy":
             return _policy(args)
+        if cmd == "gateway":
+            from .gateway import run as run_gateway
+            return run_gateway(args)
         if cmd == "broker":
             from .broker import serve
             return serve(_need_dir(args), args.listen, args.port)

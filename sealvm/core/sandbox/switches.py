@@ -37,8 +37,15 @@ DEFENCES: tuple[str, ...] = (
     "seccomp",        # install_core_filter
     "disk_integrity", # sealed disk reads checked against tag, position, version, tree
 )
+# Defences of the sealed network (core/net_tunnel.py), switched by the same variable.
+NET_DEFENCES: tuple[str, ...] = (
+    "net_seal",       # sealing network frames (AEAD): off, they travel in clear, unauthenticated
+    "net_replay",     # the tunnel's replay window: off, a replayed datagram is delivered again
+)
 ENV_DISABLE = "SEALVM_INSECURE_TEST_DISABLE"
 ENV_TEST_MODE = "SEALVM_TEST_MODE"
+ENV_NET_KEY = "SEALVM_TEST_NET_KEY"          # 64 hex digits: the tunnel key without an owner
+ENV_NET_REKEY = "SEALVM_TEST_NET_REKEY"      # rekey after this many messages (default 2**60)
 
 
 def _shout(text: str) -> None:
@@ -62,8 +69,9 @@ def parse(environ: dict[str, str] | os._Environ) -> tuple[frozenset[str], frozen
         _shout(f"IGNORING {ENV_DISABLE}={raw!r}: honoured only with {ENV_TEST_MODE}=1; "
                "all defences stay on")
         return frozenset(), frozenset()
-    unknown = frozenset(names - set(DEFENCES))
-    disabled = frozenset(names & set(DEFENCES))
+    known = set(DEFENCES) | set(NET_DEFENCES)
+    unknown = frozenset(names - known)
+    disabled = frozenset(names & known)
     if disabled:
         _shout("INSECURE TEST MODE: these defences are DISABLED: " + ", ".join(sorted(disabled))
                + " -- never run a real guest like this")
@@ -75,11 +83,11 @@ _DISABLED, _UNKNOWN = parse(os.environ)
 
 def disabled(defence: str) -> bool:
     """True when `defence` was switched off for a test (and says so loudly)."""
-    if defence not in DEFENCES:
+    if defence not in DEFENCES + NET_DEFENCES:
         raise ValueError(f"unknown defence {defence!r}")
     if _UNKNOWN:
         raise SandboxError(0, f"{ENV_DISABLE} names unknown defences {sorted(_UNKNOWN)}; "
-                              f"known: {', '.join(DEFENCES)}")
+                              f"known: {', '.join(DEFENCES + NET_DEFENCES)}")
     if defence in _DISABLED:
         _shout(f"INSECURE TEST MODE: skipping defence {defence!r}")
         return True
@@ -114,3 +122,23 @@ def test_disk_key(environ: dict[str, str] | os._Environ = os.environ) -> bytes |
 def disabled_defences() -> frozenset[str]:
     """The defences switched off in this process (empty outside test mode)."""
     return _DISABLED
+
+
+def test_net_key() -> bytes | None:
+    """The tunnel key a test hands a core that has no owner (None outside test mode)."""
+    raw = os.environ.get(ENV_NET_KEY, "")
+    if not raw or os.environ.get(ENV_TEST_MODE) != "1":
+        return None
+    key = bytes.fromhex(raw)
+    if len(key) != 32:
+        raise ValueError(f"{ENV_NET_KEY} must be 64 hex digits")
+    _shout("TEST MODE: the network tunnel uses a key from the environment, not the owner's")
+    return key
+
+
+def test_net_options() -> dict:
+    """Tunnel options for tests (a low rekey limit); empty outside test mode."""
+    raw = os.environ.get(ENV_NET_REKEY, "")
+    if not raw or os.environ.get(ENV_TEST_MODE) != "1":
+        return {}
+    return {"rekey_after_messages": int(raw)}

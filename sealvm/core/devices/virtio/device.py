@@ -133,6 +133,10 @@ class VirtioDevice:
             done += 1
         return done
 
+    def has_work(self, queue_index: int) -> bool:
+        """Whether available buffers could be used now (a receive queue: only with frames)."""
+        return True
+
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
         """Serve one request; return the number of bytes written into the chain."""
         raise NotImplementedError
