@@ -94,6 +94,9 @@ def set_transport_state(t, st: dict) -> None:
 
 
 # ---- the machine's devices ---------------------------------------------------------
+DRAIN_ROUNDS = 64
+
+
 def capture_devices(machine) -> dict:
     """Serial and virtio state of a paused machine.  Each queue is drained first (a
     worker may still hold notifications from before the pause), so guest RAM read
@@ -101,8 +104,9 @@ def capture_devices(machine) -> dict:
     virtio = []
     for slot in machine.virtio:
         for q in range(len(slot.transport.queues)):
-            while slot.transport.process_queue(q):
-                pass
+            for _ in range(DRAIN_ROUNDS):   # bounded: a receive queue may never run dry
+                if not slot.transport.process_queue(q):
+                    break
         virtio.append({"gpa": slot.gpa, "device_id": slot.transport.device.device_id,
                        "transport": transport_state(slot.transport)})
     return {"serial": serial_state(machine.serial), "virtio": virtio}

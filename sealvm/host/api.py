@@ -77,6 +77,9 @@ class IncomingSpec(BaseModel):
     listen: str = Field(default="127.0.0.1", description="address the stream is taken on")
     disk: str | None = Field(default=None, description="the VM's sealed disk as this host "
                              "reaches it (shared storage)")
+    net: str | None = Field(default=None, description="the owner's gateway HOST:PORT as this "
+                            "host reaches it (a new tunnel session)")
+    net_direct: bool = False
 
 
 class MigrateSpec(BaseModel):
@@ -98,6 +101,9 @@ class RestoreSpec(BaseModel):
     start: bool = Field(default=True, description="run the restored VM right away")
     disk: str | None = Field(default=None, description="the VM's sealed disk image, when it "
                              "had one (the daemon opens it; the core checks it)")
+    net: str | None = Field(default=None, description="the owner's gateway HOST:PORT, when the "
+                            "VM had a network device (a new tunnel session)")
+    net_direct: bool = False
 
 
 def _errors(fn):
@@ -154,7 +160,8 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker, spec.disk)
+            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker, spec.disk,
+                                  spec.net, spec.net_direct)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()
@@ -166,7 +173,8 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            return manager.incoming(spec.name, bundle, spec.broker, spec.listen, spec.disk)
+            return manager.incoming(spec.name, bundle, spec.broker, spec.listen, spec.disk,
+                                    spec.net, spec.net_direct)
         return _errors(go)
 
     @app.post("/v1/vms/{vm_id}/migrate")

@@ -74,6 +74,8 @@ def add_parser(sub, parse_size) -> None:
                     help="downtime budget the pre-copy aims for (default %(default)s)")
     mg.add_argument("--disk", metavar="FILE", help="the VM's sealed disk as the target host "
                     "reaches it (shared storage)")
+    mg.add_argument("--net", metavar="HOST:PORT", help="the owner's gateway as the target host "
+                    "reaches it, if the VM has a network device")
     rs = vs.add_parser("restore", help="a new VM from a sealed snapshot",
                        description="A new core attests to the owner's broker as the restorer "
                        "of SNAPSHOT; the broker releases the key only for the VM's newest "
@@ -87,6 +89,8 @@ def add_parser(sub, parse_size) -> None:
     rs.add_argument("--name", help="VM id of the restored VM; generated if absent")
     rs.add_argument("--paused", action="store_true", help="restore without starting it")
     rs.add_argument("--disk", metavar="FILE", help="the VM's sealed disk image, if it had one")
+    rs.add_argument("--net", metavar="HOST:PORT", help="the owner's gateway, if the VM had a "
+                    "network device")
     con = vs.add_parser("console", help="print the VM's console (--follow to stream it)")
     con.add_argument("vm")
     con.add_argument("--follow", "-f", action="store_true")
@@ -145,7 +149,8 @@ def _migrate(http, args) -> int:
         r = target.post("/v1/incoming", json=dict(
             name=name, manifest=os.path.abspath(args.manifest), broker=broker,
             owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
-            listen=args.address, disk=os.path.abspath(args.disk) if args.disk else None))
+            listen=args.address, disk=os.path.abspath(args.disk) if args.disk else None,
+            net=args.net))
         _check(r)
         port = r.json()["port"]
         r = _with_progress(http, args.vm, "migrating", lambda: http.post(
@@ -212,7 +217,7 @@ def run(args) -> int:
                         manifest=os.path.abspath(args.manifest),
                         owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
                         broker=args.broker, start=not args.paused,
-                        disk=os.path.abspath(args.disk) if args.disk else None)
+                        disk=os.path.abspath(args.disk) if args.disk else None, net=args.net)
             r = _with_progress(http, name, "restoring", lambda: http.post("/v1/restore",
                                                                            json=body))
             _check(r)

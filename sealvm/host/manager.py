@@ -207,7 +207,8 @@ class VmManager:
                 **timing}
 
     def restore(self, snapshot: str, name: str | None, manifest: bytes, broker: str,
-                disk: str | None = None) -> VmRecord:
+                disk: str | None = None, net: str | None = None,
+                net_direct: bool = False) -> VmRecord:
         """A new VM whose core attests as the restorer of `snapshot` and rebuilds it (with
         the VM's sealed disk, when it had one)."""
         import json
@@ -237,6 +238,9 @@ class VmManager:
                 link.load_image(manifest, kind=3)
                 if disk_fd is not None:
                     link.attach(P.AttachKind.BLOCK, 0, disk_fd)
+                if net:                        # the restored core makes a new tunnel session
+                    from .netrelay import parse_address
+                    self._attach_net(vm_id, link, parse_address(net), net_direct)
                 link.attach(P.AttachKind.SNAPSHOT, 0, fd)
                 self.progress[vm_id] = (0, 0)
                 t1 = time.perf_counter()
@@ -259,7 +263,8 @@ class VmManager:
 
     # ---- live migration (docs/migration.md) ------------------------------
     def incoming(self, name: str | None, manifest: bytes, broker: str,
-                 listen: str = "127.0.0.1", disk: str | None = None) -> dict:
+                 listen: str = "127.0.0.1", disk: str | None = None, net: str | None = None,
+                 net_direct: bool = False) -> dict:
         """Get ready to take a migrating VM: a core that will attest as its target, and a
         TCP port for the source host's stream.  Returns {"id", "port"} at once; the VM
         starts here only if the owner's broker makes this copy the newest."""
@@ -283,6 +288,9 @@ class VmManager:
             link.load_image(manifest, kind=3)
             if disk_fd is not None:      # the same sealed disk (shared storage); the target
                 link.attach(P.AttachKind.BLOCK, 0, disk_fd)  # opens it only once it runs
+            if net:                      # a new tunnel session from this host
+                from .netrelay import parse_address
+                self._attach_net(vm_id, link, parse_address(net), net_direct)
         except (CoreRefused, OSError, ValueError) as e:
             if disk_fd is not None:
                 os.close(disk_fd)

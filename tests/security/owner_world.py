@@ -41,7 +41,8 @@ def world():
     assert cli("owner", "init", str(owner)).returncode == 0
     for name, guest, cmdline, devices in (("snap", "memtouch", MEMTOUCH, "rng"),
                                           ("secret", "canary", "mib=4 secs=600", "rng"),
-                                          ("dsk", "blkbench", BLKBENCH, "blk,rng")):
+                                          ("dsk", "blkbench", BLKBENCH, "blk,rng"),
+                                          ("netvm", "netecho", "secs=0", "net,rng")):
         r = cli("owner", "sign", "--dir", str(owner), str(guest_image(guest)), "--name", name,
                 "--cmdline", cmdline, "--memory", "64", "--devices", devices)
         assert r.returncode == 0, r.stderr
@@ -49,7 +50,7 @@ def world():
     for kind, value in (("host", m["host_pub"]), ("core", m["core_measurement"])):
         assert cli("owner", "policy", "--dir", str(owner), "add", kind, value).returncode == 0
     public = base / "public"          # what the owner publishes: manifests and public keys
-    for name in ("snap", "secret", "dsk"):
+    for name in ("snap", "secret", "dsk", "netvm"):
         shutil.copytree(owner / "vms" / name, public / "vms" / name)
     shutil.copy(owner / "owner.pub.json", public / "owner.pub.json")
     for p in [public, *public.rglob("*")]:
