@@ -154,7 +154,11 @@ def test_failure_mid_stream_leaves_the_vm_running_on_the_source(world, host_b, h
     kw = {"cut_at": 3 << 20} if how == "stream cut" else {"cut_at": 3 << 20,
                                                           "on_cut": kill_target}
     m, state, fin, _ = migrate(w, b, vm, vm, kw)
-    assert m.status_code >= 400 and "stays here" in m.json()["detail"], m.text
+    # Either the source saw the stream fail (and resumed at once), or every byte was already
+    # in the socket buffers when the target died: then the target never commits and the
+    # source resumes with the broker's receipt for its own ticket.
+    assert (m.status_code >= 400 and "stays here" in m.json()["detail"]) or (
+        m.status_code == 200 and fin.json()["state"] == "running"), (m.text, fin and fin.text)
     assert state == "failed"
     assert w["hostd"].api().get(f"/v1/vms/{vm}").json()["state"] == "running"
     before = console(w, vm).count("memtouch t=")
