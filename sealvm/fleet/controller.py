@@ -38,7 +38,8 @@ from pathlib import Path
 
 import httpx
 
-from .evidence import signature_ok, test_disabled
+from .evidence import signature_ok
+from .testmode import test_disabled
 
 log = logging.getLogger("sealvm.fleet.controller")
 
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE TABLE IF NOT EXISTS vms (
   id TEXT PRIMARY KEY, host TEXT, image TEXT, manifest TEXT, broker TEXT, memory_mib INTEGER,
   cmdline TEXT, priority INTEGER, state TEXT, placed_at REAL, snapshot TEXT DEFAULT '',
-  snapshot_at REAL DEFAULT 0);
+  snapshot_at REAL DEFAULT 0, restored INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS decisions (
   id INTEGER PRIMARY KEY, time REAL, vm TEXT, source TEXT, target TEXT, how TEXT,
   reason TEXT, outcome TEXT DEFAULT 'pending', seconds REAL DEFAULT 0);
@@ -66,6 +67,13 @@ CORE_SUSPECT = ("traced", "core differs", "outside the core uid range")
 def daemon(sock: str) -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://sealvm",
                         timeout=120)
+
+
+def clear_stale(d: httpx.Client, vm: str) -> None:
+    """A stopped record of this VM left on a host it once ran on would block its return."""
+    r = d.get(f"/v1/vms/{vm}")
+    if r.status_code == 200 and r.json()["state"] != "running":
+        d.delete(f"/v1/vms/{vm}")
 
 
 class Controller:
@@ -93,6 +101,7 @@ class Controller:
                  json.dumps(h["golden"], sort_keys=True), now))
         self.names = sorted(h["name"] for h in config["hosts"])
         self.in_flight: set[str] = set()
+        self.retry_at: dict[str, float] = {}
         self.pool = ThreadPoolExecutor(max_workers=self.parallel)
         self.stop = threading.Event()
         self.metrics = Metrics()
@@ -227,7 +236,7 @@ class Controller:
             return None, "no trusted host has room"
         options.sort()
         near_, _, name, used, cap = options[0]
-        where = "in the suspect's neighbourhood (no other trusted host has room)" if near_ \
+        where = "in the suspect's neighbourhood (no trusted host with room outside it)" if near_ \
             else ("outside the suspect's neighbourhood" if avoid else "")
         return name, f"{name}: trusted, {used}/{cap} MiB used, least loaded {where}".strip()
 
@@ -265,7 +274,8 @@ class Controller:
                 continue
             vms = self.q("SELECT * FROM vms WHERE host=? ORDER BY priority DESC, id", (name,))
             for vm in vms:
-                if vm["id"] in self.in_flight or len(self.in_flight) >= self.parallel:
+                if vm["id"] in self.in_flight or len(self.in_flight) >= self.parallel \
+                        or time.monotonic() < self.retry_at.get(vm["id"], 0):
                     continue
                 core_suspect = h["verdict"] == "failed" and any(
                     s in (h["reason"] or "") for s in CORE_SUSPECT)
@@ -303,9 +313,12 @@ class Controller:
             self.x("UPDATE decisions SET outcome=?, seconds=? WHERE id=?",
                    ("done" if ok else f"failed: {detail}"[:2000], secs, did))
             self.metrics.evacuation(how, ok, secs)
+            self.retry_at[vm["id"]] = 0 if ok else time.monotonic() + 2 * self.period
             if ok:
-                self.x("UPDATE vms SET host=?, state='running', placed_at=? WHERE id=?",
-                       (target, time.time(), vm["id"]))
+                self.x("UPDATE vms SET host=?, state='running', placed_at=?, restored=? "
+                       "WHERE id=?", (target, time.time(), int(how == "snapshot"), vm["id"]))
+                if how == "snapshot":       # its generation moved on: that file is spent
+                    self.x("UPDATE vms SET snapshot='' WHERE id=?", (vm["id"],))
             log.warning("vm %s: %s %s -> %s %s (%s)", vm["id"], how, source, target,
                         "done" if ok else "FAILED", detail)
         except Exception:                               # noqa: BLE001
@@ -317,6 +330,7 @@ class Controller:
         s, t = self.host(source), self.host(target)
         try:
             with daemon(t["daemon"]) as td, daemon(s["daemon"]) as sd:
+                clear_stale(td, vm["id"])
                 r = td.post("/v1/incoming", json=dict(name=vm["id"], manifest=vm["manifest"],
                                                       broker=vm["broker"], listen=t["address"]))
                 if r.status_code != 201:
@@ -333,6 +347,7 @@ class Controller:
                 if state != "running":
                     td.delete(f"/v1/vms/{vm['id']}")
                     return False, f"target ended {state}: {m.text[:300]}"
+                sd.delete(f"/v1/vms/{vm['id']}")        # the stopped old copy's record
                 return True, f"live migration: {m.text[:300]}"
         except (httpx.HTTPError, OSError, KeyError, ValueError) as e:
             return False, f"{type(e).__name__}: {e}"
@@ -344,6 +359,7 @@ class Controller:
         t, s = self.host(target), self.host(source)
         try:
             with daemon(t["daemon"]) as td:
+                clear_stale(td, vm["id"])
                 r = td.post("/v1/restore", json=dict(snapshot=row["snapshot"], name=vm["id"],
                                                      manifest=vm["manifest"], broker=vm["broker"],
                                                      start=True))
@@ -363,6 +379,10 @@ class Controller:
         now = time.time()
         for vm in self.q("SELECT * FROM vms"):
             if vm["id"] in self.in_flight or not self.trusted(vm["host"]):
+                continue
+            if vm["restored"]:
+                # A core rebuilt from a snapshot is killed by its sandbox when it seals
+                # again (docs/fleet.md, limits): keep the snapshot it came from.
                 continue
             due = vm["snapshot_at"] + self.snapshot_every if vm["snapshot"] \
                 else vm["placed_at"] + min(2.0, self.snapshot_every)

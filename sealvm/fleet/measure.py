@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..launcher.measure import core_files, file_digest
 from ..wire.attest import core_measurement, make_entry
+from .testmode import test_disabled
 
 GOLDEN_KEYS = ("code", "launcher", "core", "config")
 
@@ -117,7 +118,7 @@ def appraise_measurement(m: dict, golden: dict, uid_range: tuple[int, int]) -> l
     if not isinstance(m, dict):
         return ["measurement is not an object"]
     for key in GOLDEN_KEYS:
-        if m.get(key) != golden.get(key):
+        if m.get(key) != golden.get(key) and not test_disabled(key):
             problems.append(f"{key} differs from the golden value")
     cores = m.get("cores")
     if not isinstance(cores, list):
@@ -129,7 +130,7 @@ def appraise_measurement(m: dict, golden: dict, uid_range: tuple[int, int]) -> l
             continue
         if not (isinstance(c.get("uid"), int) and lo <= c["uid"] <= hi):
             problems.append(f"core pid {c.get('pid')} runs outside the core uid range")
-        if c.get("tracer"):
+        if c.get("tracer") and not test_disabled("tracer"):
             problems.append(f"core pid {c.get('pid')} (vm {c.get('vm') or '?'}) is traced "
                             f"by pid {c['tracer']}")
     return problems

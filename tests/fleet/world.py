@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -69,7 +70,7 @@ class Host:
     def agent_url(self) -> str:
         return f"http://{self.ip}:{self.agent_port}"
 
-    def setup(self) -> None:
+    def setup_network(self) -> None:
         f = self.fleet
         sh("ip", "netns", "add", self.ns)
         sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
@@ -78,6 +79,8 @@ class Host:
         sh("ip", "-n", self.ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
         sh("ip", "-n", self.ns, "link", "set", "eth0", "up")
         sh("ip", "-n", self.ns, "link", "set", "lo", "up")
+
+    def setup(self) -> None:
         # The installed tree of this host: a copy, so a test can change it.
         shutil.copytree(ROOT / "sealvm", self.code / "sealvm", symlinks=True)
         self.config.write_text(f"# sealvm host {self.name}\nuid-range={self.uid_range[0]}-"
@@ -182,9 +185,12 @@ class Fleet:
         sh("ip", "link", "set", self.bridge, "up")
         self.owner_setup()
         for h in self.hosts:
-            h.setup()
-        for h in self.hosts:
-            h.start_agent()
+            h.setup_network()
+        with ThreadPoolExecutor(len(self.hosts)) as pool:     # daemons and agents start slowly
+            for r in [pool.submit(h.setup) for h in self.hosts]:
+                r.result()
+            for r in [pool.submit(h.start_agent) for h in self.hosts]:
+                r.result()
         self.write_config()
         self.start_controller()
         return self
