@@ -317,8 +317,8 @@ class Controller:
             if ok:
                 self.x("UPDATE vms SET host=?, state='running', placed_at=?, restored=? "
                        "WHERE id=?", (target, time.time(), int(how == "snapshot"), vm["id"]))
-                if how == "snapshot":       # its generation moved on: that file is spent
-                    self.x("UPDATE vms SET snapshot='' WHERE id=?", (vm["id"],))
+                # The move advanced the VM's generation: its last snapshot is spent.
+                self.x("UPDATE vms SET snapshot='' WHERE id=?", (vm["id"],))
             log.warning("vm %s: %s %s -> %s %s (%s)", vm["id"], how, source, target,
                         "done" if ok else "FAILED", detail)
         except Exception:                               # noqa: BLE001

@@ -1,7 +1,8 @@
 """Defences a paired control may switch off (only with SEALVM_TEST_MODE=1).
 
 SEALVM_FLEET_TEST_DISABLE is a comma-separated list of: code, launcher, core, config
-(a golden value), tracer (traced cores), signature, nonce, stale (evidence),
+(a golden value), tracer (traced cores), agent-key (the evidence's signature and
+the quote's binding to the enrolled agent key), nonce, stale (evidence),
 report-signature (the controller's check of a neighbour's report).
 """
 from __future__ import annotations

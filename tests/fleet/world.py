@@ -144,25 +144,30 @@ class Host:
         return self.hostd.api()
 
     def teardown(self) -> None:
+        t0 = time.monotonic()
         self.stop_agent()
+        t1 = time.monotonic()
         if self.hostd is not None:
             self.hostd.close()
         subprocess.run([PY, "-m", "sealvm.tools.swtpm", "stop", str(self.base / "tpm")],
                        capture_output=True, cwd=ROOT)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
+        if os.environ.get("SEALVM_FLEET_TIMING"):
+            print(f"teardown {self.name}: agent {t1 - t0:.1f} s, rest {time.monotonic() - t1:.1f} s")
 
 
 class Fleet:
     """Owner + broker + 3 hosts + controller. `Fleet.start()` then `close()`."""
 
     def __init__(self, names=("a", "b", "c"), period: float = 1.0, capacity_mib: int = 1024,
-                 memory_mib: int = 64, snapshot_every: float = 5.0):
+                 memory_mib: int = 64, snapshot_every: float = 5.0,
+                 cmdline: str = GUEST_CMDLINE):
         self.tag = f"{os.getpid() % 10000}"
         self.net = f"10.{212 + os.getpid() % 20}.{os.getpid() % 200}"
         self.bridge = f"svfbr{self.tag}"
         self.period, self.capacity_mib, self.memory_mib = period, capacity_mib, memory_mib
-        self.snapshot_every = snapshot_every
+        self.snapshot_every, self.cmdline = snapshot_every, cmdline
         self.base = Path(tempfile.mkdtemp(prefix="sealvm-fleet-", dir="/tmp"))
         os.chmod(self.base, 0o755)
         self.hosts = [Host(self, i, n) for i, n in enumerate(names)]
@@ -275,7 +280,7 @@ class Fleet:
         out = self.public / "vms" / name
         if not out.exists():
             r = self.cli("owner", "sign", "--dir", str(self.owner), str(guest_image("memtouch")),
-                         "--name", name, "--cmdline", GUEST_CMDLINE, "--memory", str(memory_mib))
+                         "--name", name, "--cmdline", self.cmdline, "--memory", str(memory_mib))
             assert r.returncode == 0, r.stderr
             shutil.copytree(self.owner / "vms" / name, out)
             for p in [out, *out.rglob("*")]:
@@ -289,7 +294,7 @@ class Fleet:
             r = c.post("/v1/vms", json=dict(
                 name=name, image=str(guest_image("memtouch")),
                 manifest=str(manifest), broker=self.broker_url,
-                memory_mib=memory_mib, cmdline=GUEST_CMDLINE,
+                memory_mib=memory_mib, cmdline=self.cmdline,
                 priority=priority))
         assert r.status_code == 201, r.text
         return r.json()
@@ -312,11 +317,13 @@ class Fleet:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        for h in self.hosts:
+        def down(h):
             try:
                 h.teardown()
             except Exception:                    # noqa: BLE001 - tear down the rest
                 pass
+        with ThreadPoolExecutor(len(self.hosts)) as pool:
+            list(pool.map(down, self.hosts))
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         if not os.environ.get("SEALVM_KEEP_TEST_DIRS"):
             shutil.rmtree(self.base, ignore_errors=True)
