@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
@@ -149,13 +150,25 @@ def run_agent(args) -> int:
     from ..tools import swtpm
     logging.basicConfig(level=logging.INFO, format=f"agent {args.name} %(levelname)s %(message)s")
     state = Path(args.state_dir)
+    lo, _, hi = args.uid_range.partition("-")
+    if not (lo.isdigit() and hi.isdigit() and int(lo) <= int(hi)):
+        print(f"sealvm fleet agent: --uid-range must look like 64000-64999, not {args.uid_range!r}",
+              file=sys.stderr)
+        return 2
+    if not (Path(args.code_dir) / "sealvm").is_dir():
+        print(f"sealvm fleet agent: --code-dir {args.code_dir} holds no sealvm/ tree",
+              file=sys.stderr)
+        return 2
     if args.tpm:
         host, _, port = args.tpm.rpartition(":")
         tpm_addr = (host or "127.0.0.1", int(port))
     else:
-        port = swtpm.start_on_free_port(state / "tpm")
+        try:
+            port = swtpm.start_on_free_port(state / "tpm")
+        except swtpm.SwtpmError as e:
+            print(f"sealvm fleet agent: {e}", file=sys.stderr)
+            return 125
         tpm_addr = ("127.0.0.1", port)
-    lo, _, hi = args.uid_range.partition("-")
     agent = Agent(args.name, state, Path(args.code_dir).resolve(),
                   Path(args.config) if args.config else None, (int(lo), int(hi)), tpm_addr,
                   args.controller, args.period)

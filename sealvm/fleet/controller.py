@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,7 @@ CREATE TABLE IF NOT EXISTS vms (
   id TEXT PRIMARY KEY, host TEXT, image TEXT, manifest TEXT, broker TEXT, memory_mib INTEGER,
   cmdline TEXT, priority INTEGER, state TEXT, placed_at REAL, snapshot TEXT DEFAULT '',
   snapshot_at REAL DEFAULT 0, restored INTEGER DEFAULT 0);
+CREATE INDEX IF NOT EXISTS reports_subject_time ON reports (subject, time);
 CREATE TABLE IF NOT EXISTS decisions (
   id INTEGER PRIMARY KEY, time REAL, vm TEXT, source TEXT, target TEXT, how TEXT,
   reason TEXT, outcome TEXT DEFAULT 'pending', seconds REAL DEFAULT 0);
@@ -540,8 +542,13 @@ def run_controller(args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = json.loads(Path(args.config).read_text())
-    except (OSError, ValueError) as e:
-        print(f"sealvm fleet controller: cannot read {args.config}: {e}")
+        for h in config["hosts"]:
+            for k in ("name", "agent", "daemon", "address", "uid_range", "agent_pub",
+                      "tpm_ak_pub", "golden"):
+                if k not in h:
+                    raise ValueError(f"host {h.get('name', '?')} has no {k!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"sealvm fleet controller: bad --config {args.config}: {e}", file=sys.stderr)
         return 2
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
