@@ -8,10 +8,11 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMPS     := .stamps
 APT_PKGS   := python3 python3-venv python3-dev gcc make binutils libc6-dev linux-libc-dev \
-              qemu-system-x86 hyperfine strace swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
+              qemu-system-x86 hyperfine strace swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config \
+              debootstrap busybox-static cpio kmod e2fsprogs
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv guests run test test-fast bench tcb security fuzz clean distclean
+.PHONY: all deps venv guests run test test-fast test-linux bench tcb security fuzz clean distclean
 
 all: deps venv guests
 
@@ -47,6 +48,11 @@ run: deps venv guests
 
 test: deps venv guests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# sealvm booting the Debian cloud kernel inside an outer QEMU-TCG VM with kvm_amd
+# (the outer image is built once from Debian packages and cached in /var/cache/sealvm).
+test-linux: deps venv
+	$(PY) -m pytest -q tests/linux
 
 bench: deps venv guests
 	$(PY) -m bench.run_all

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from . import common as C
-from .snapshot import Owner, Qmp, wait_console
+from .snapshot import Owner, Qmp, wait_console, warm_host_memory
 from .split import Hostd
 
 NAME = "migration"
@@ -205,6 +205,7 @@ def run(args) -> dict:
     samples: dict = {}
     try:
         for size in sizes:
+            warm_host_memory(base, 4 * size)
             for mbps in rates:
                 key = f"{size}M {mbps}MB/s"
                 samples[f"sealvm {key}"] = sealvm_run(a, b, owner, elf, size, mbps,

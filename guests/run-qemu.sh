@@ -5,7 +5,7 @@
 # Usage: run-qemu.sh GUEST.elf [tcg|kvm] [key=value ...]
 #   The remaining words become the guest command line (-append).
 #   rng*.elf get a virtio-rng-device on a version 2 (non-legacy) virtio-mmio
-#   transport.  ACPI is off so that QEMU appends the virtio_mmio.device= words
+#   transport; blk*.elf a virtio-blk-device on the raw file $DISK.  ACPI is off so that QEMU appends the virtio_mmio.device= words
 #   to the command line.
 # Environment: TIMEOUT (seconds, default 60), MEM (default 256M),
 #   QEMU (default qemu-system-x86_64), QEMU_EXTRA (more QEMU arguments).
@@ -31,6 +31,7 @@ esac
 devices=""
 case $(basename "$elf") in
     rng*) devices="-global virtio-mmio.force-legacy=false -device virtio-rng-device" ;;
+    blk*) devices="-global virtio-mmio.force-legacy=false -drive if=none,id=d0,format=raw,file=${DISK:?blkbench needs DISK=FILE} -device virtio-blk-device,drive=d0" ;;
 esac
 
 # shellcheck disable=SC2086  # word splitting of the argument lists is intended

@@ -16,6 +16,10 @@ import argparse
 import re
 import sys
 
+# virtio_mmio devices are appended by the core; panic=-1 turns a guest panic into a reset,
+# which ends the VM with 126 instead of leaving it hung.
+LINUX_DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 pci=off"
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -58,19 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     r = sub.add_parser(
         "run", help="boot one VM in the foreground and exit with the guest's status",
-        description="Boot GUEST (a PVH ELF kernel) in a new KVM virtual machine, show its serial "
-                    "console on stdout (and read stdin when interactive), and exit with the status "
+        description="Boot GUEST (a PVH ELF kernel), or a Linux bzImage given with --kernel "
+                    "(and --initrd), in a new KVM virtual machine, show its serial "
+                    "console on stdout (and send stdin to its serial input), and exit with the status "
                     "the guest writes to its exit port 0xf4. Ctrl-C stops the VM cleanly. "
                     "Exit codes: the guest's status; 125 the VM could not start; 126 the VM "
-                    "crashed; 130 interrupted.")
-    r.add_argument("guest", metavar="GUEST", help="PVH ELF image, e.g. guests/build/hello.elf")
+                    "crashed; 130 interrupted. A Linux guest ends the VM by powering off "
+                    "(status 0); a reboot or a kernel panic (with panic=-1) ends it with 126.")
+    r.add_argument("guest", metavar="GUEST", nargs="?",
+                   help="PVH ELF image, e.g. guests/build/hello.elf (omit with --kernel)")
+    r.add_argument("--kernel", metavar="BZIMAGE",
+                   help="boot this Linux kernel (bzImage, e.g. /boot/vmlinuz-*) with the 64-bit "
+                        "boot protocol; the same as GUEST with --entry linux")
+    r.add_argument("--initrd", metavar="FILE", help="initramfs for --kernel")
     r.add_argument("--memory", "-m", type=parse_size, default=parse_size("256M"),
                    help="guest RAM, e.g. 256M or 1G (default 256M)")
     r.add_argument("--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
     r.add_argument("--cmdline", default="", type=_cmdline,
-                   help="kernel command line passed to the guest (at most 3000 bytes)")
-    r.add_argument("--entry", choices=("pvh", "long"), default="pvh",
-                   help="start at the PVH 32-bit entry (default) or directly in 64-bit long mode")
+                   help="kernel command line passed to the guest (at most 3000 bytes; a Linux "
+                        f"kernel's default is '{LINUX_DEFAULT_CMDLINE}')")
+    r.add_argument("--entry", choices=("pvh", "long", "linux"), default=None,
+                   help="start at the PVH 32-bit entry (default), directly in 64-bit long mode, "
+                        "or boot GUEST as a Linux bzImage ('linux', the default with --kernel)")
     r.add_argument("--no-rng", action="store_true", help="do not attach the virtio-rng device")
     r.add_argument("--console-log", metavar="FILE",
                    help="write the guest console to FILE instead of stdout")
@@ -98,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--manifest)")
     r.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
                    help="the owner's key broker (default %(default)s)")
+    r.add_argument("--disk", metavar="FILE",
+                   help="attach a sealed disk image (made by `sealvm disk create`) as a "
+                        "virtio-blk device; the key comes from the owner's broker")
     r.add_argument("--bench-sinks", action="store_true", help=argparse.SUPPRESS)
 
     h = sub.add_parser(
@@ -121,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_vm_parser(sub, parse_size)
     from .owner.cli import add_parser as add_owner_parser
     add_owner_parser(sub)
+    from .owner.disk import add_parser as add_disk_parser
+    add_disk_parser(sub)
     from .fleet.cli import add_parser as add_fleet_parser
     add_fleet_parser(sub)
     sub.add_parser("measure", help="print this host's root key and core measurement (for the "
@@ -179,6 +197,9 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "owner":
         from .owner.cli import run as run_owner
         return run_owner(args)
+    if args.command == "disk":
+        from .owner.disk import run as run_disk
+        return run_disk(args)
     if args.command == "vm":
         from .host.cli_vm import run as run_vm_command
         return run_vm_command(args)

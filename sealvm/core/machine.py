@@ -18,7 +18,7 @@ from .boot.loader import load_guest
 from .bus import Bus
 from .cpu_setup import apply_cpu_state
 from .devices.serial import Serial16550
-from .devices.simple import ExitPort, IdleDoorbell
+from .devices.simple import AcpiPower, ExitPort, IdleDoorbell
 from .devices.virtio.mmio import MmioTransport
 from .devices.virtio.rng import VirtioRng
 from .ioworker import QueueWorker
@@ -27,8 +27,13 @@ from .memory import GuestMemory, RamOptions
 from .vcpu import Vcpu, VcpuControl, install_kick_handler
 
 MAX_VCPUS = 64
+ATTACH_BLOCK = 1                    # wire.portal_ops.AttachKind.BLOCK
 BENCH_MMIO_SINK = 0xD020_0000
 BENCH_IOEVENT_ADDR = 0xD020_1000
+# Linux guests: KVM's VMX real-mode helpers sit just below the BIOS area at 4 GiB (as in QEMU).
+TSS_GPA, IDENTITY_MAP_GPA = 0xFFFB_D000, 0xFFFB_C000
+SERIAL_IRQ = 4
+KVM_CAP_TSC_DEADLINE_TIMER = 72
 
 
 class MachineError(Exception):
@@ -41,7 +46,8 @@ class MachineConfig:
     memory: int = DEFAULT_MEMORY
     vcpus: int = 1
     cmdline: str = ""
-    entry: str = "pvh"
+    entry: str = "pvh"               # "pvh", "long" (ELF images) or "linux" (a bzImage)
+    initrd: bytes | None = None      # Linux only
     rng: bool = True
     bench_sinks: bool = False
     entropy: Callable[[int], bytes] = os.urandom
@@ -51,6 +57,7 @@ class MachineConfig:
     ram_filled: object | None = None  # a GuestMemory received already (migration target)
     # fds the host attached for devices, (AttachKind, index) -> fd; the machine owns them
     attached: dict = field(default_factory=dict)
+    disk_report: Callable[[str], None] = lambda message: None   # tampering/storage errors
 
 
 @dataclass
@@ -66,8 +73,11 @@ class Machine:
                  on_stopped: Callable[[str, int | None], None] | None = None):
         if not 1 <= config.vcpus <= MAX_VCPUS:
             raise MachineError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {config.vcpus}")
-        if config.entry not in ("pvh", "long"):
-            raise MachineError(f"--entry must be 'pvh' or 'long', not {config.entry!r}")
+        if config.entry not in ("pvh", "long", "linux"):
+            raise MachineError(f"--entry must be 'pvh', 'long' or 'linux', not {config.entry!r}")
+        if config.initrd is not None and config.entry != "linux":
+            raise MachineError("an initrd can only be given to a Linux kernel (entry 'linux')")
+        self.linux = config.entry == "linux"
         self.config = config
         self.console = console
         self._on_stopped = on_stopped
@@ -84,6 +94,7 @@ class Machine:
         self.stop_reason = ""
         self._stopped = threading.Event()
         self._extra_fds: list[int] = []
+        self.blk = None
 
     # ---- build --------------------------------------------------------
     def build(self) -> None:
@@ -93,7 +104,12 @@ class Machine:
             self.kvm = Kvm() if cfg.kvm_fd is None else Kvm(fd=os.dup(cfg.kvm_fd))
         except OSError as e:
             raise MachineError(f"cannot open /dev/kvm: {e.strerror}") from None
+        if self.linux:
+            from .boot.bzimage import parse_bzimage
+            parse_bzimage(cfg.image)           # a bad kernel is refused before anything is made
         self.vm = self.kvm.create_vm()
+        if self.linux:
+            self._linux_platform()
         self.memory = cfg.ram_filled or GuestMemory.create(cfg.memory, prefault=cfg.ram.prefault,
                                                            hugepages=cfg.ram.hugepages)
         base = self.memory.host_address()
@@ -105,6 +121,8 @@ class Machine:
         if cfg.restore is not None:
             from .vmstate import finish_restore  # snapshot code loads only when used
             return finish_restore(self, cfg.restore)
+        if self.linux:
+            return self._load_linux()
         words = [f"sealvm.idle={int(IDLE_DOORBELL_GPA):#x}"]
         if cfg.vcpus > 1:
             words.append(f"sealvm.vcpus={cfg.vcpus}")
@@ -122,16 +140,51 @@ class Machine:
             self.vcpus.append(Vcpu(i, fd, self.control, self.pio, self.mmio,
                                    self.console, self._on_stop))
 
+    def _linux_platform(self) -> None:
+        """In-kernel PIC/IOAPIC/LAPICs and PIT, and the serial line on IRQ 4 (Linux only)."""
+        from .kvm import state
+        self.vm.set_tss_addr(TSS_GPA)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_GPA)
+        state.create_irqchip(self.vm)
+        state.create_pit2(self.vm)
+        self.serial = Serial16550(irq=lambda level: state.irq_line(self.vm, SERIAL_IRQ, level))
+
+    def _load_linux(self) -> None:
+        from .boot.bzimage import load_linux
+        from .cpu_setup import linux_cpuid
+        cfg = self.config
+        devices = [(v.gpa, VIRTIO_MMIO_SIZE, v.irq) for v in self.virtio]   # announced by ACPI
+        plan = load_linux(cfg.image, cfg.initrd, self.memory, cfg.cmdline.strip(),
+                          vcpus=cfg.vcpus, virtio=devices)
+        from .kvm import state
+        supported = self.kvm.supported_cpuid()
+        deadline = state.check_extension(self.vm, KVM_CAP_TSC_DEADLINE_TIMER) > 0
+        for i in range(cfg.vcpus):
+            fd = self.vm.create_vcpu(i)
+            fd.set_cpuid2(linux_cpuid(supported, i, cfg.vcpus, deadline))
+            if i == 0:                       # the others wait in the kernel for INIT/SIPI
+                apply_cpu_state(fd, plan.cpus[0])
+            self.vcpus.append(Vcpu(i, fd, self.control, self.pio, self.mmio,
+                                   self.console, self._on_stop))
+
     def _add_devices(self) -> None:
         s = self.serial
         self.pio.add(SERIAL_PORT, s.PORTS, lambda o, n: s.read(o),
                      lambda o, v, n: s.write(o, v), "serial")
+        if self.linux:
+            from .boot.acpi import POWER_PORT
+            pm = AcpiPower()
+            self.pio.add(POWER_PORT, pm.PORTS, pm.read, pm.write, "acpi-pm")
         ep = ExitPort()
         self.pio.add(EXIT_PORT, ep.PORTS, lambda o, n: ep.read(o), ep.write, "exit-port")
         db = IdleDoorbell()
         self.mmio.add(IDLE_DOORBELL_GPA, db.SIZE, db.read, db.write, "idle-doorbell")
         if self.config.rng:
             self._add_virtio(VirtioRng(entropy=self.config.entropy), "virtio-rng")
+        if (ATTACH_BLOCK, 0) in self.config.attached:
+            from .devices.virtio.blk import VirtioBlk   # loads only with a disk
+            self.blk = VirtioBlk(report=self.config.disk_report, serial=b"sealvm-disk0")
+            self._add_virtio(self.blk, "virtio-blk")
         if self.config.bench_sinks:
             self.mmio.add(BENCH_MMIO_SINK, 0x1000, lambda o, n: 0, lambda o, v, n: None, "bench-sink")
             efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -141,7 +194,14 @@ class Machine:
     def _add_virtio(self, device, name: str) -> None:
         n = len(self.virtio)
         gpa = int(VIRTIO_MMIO_BASE) + n * VIRTIO_MMIO_STRIDE
-        transport = MmioTransport(device, self.memory, interrupt=self._device_event,
+        interrupt = self._device_event
+        if self.linux:                   # the line is raised by the kernel, no exit
+            from .kvm import state
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._extra_fds.append(efd)
+            state.irqfd(self.vm, efd, VIRTIO_MMIO_FIRST_IRQ + n)
+            interrupt = lambda efd=efd: os.eventfd_write(efd, 1)  # noqa: E731
+        transport = MmioTransport(device, self.memory, interrupt=interrupt,
                                   name=f"{name}@{gpa:#x}")
         self.mmio.add(gpa, VIRTIO_MMIO_SIZE, transport.read,
                       lambda o, v, sz, t=transport: t.write(o, sz, v), name)
@@ -151,6 +211,22 @@ class Machine:
             self.vm.ioeventfd(w.fd, gpa + 0x50, 4, datamatch=q)
             slot.workers.append(w)
         self.virtio.append(slot)
+
+    def open_disk(self, key: bytes, min_generation: int = 0) -> str:
+        """Check the attached disk with its key (before the guest runs); DiskError if bad."""
+        from .diskseal import FileIO, SealedDisk
+        from .sandbox.switches import disabled
+        disk = SealedDisk(FileIO(self.config.attached[(ATTACH_BLOCK, 0)]), key,
+                          min_generation=min_generation, verify=not disabled("disk_integrity"))
+        self.blk.open(disk)
+        return f"disk: {disk.blocks * 4} KiB sealed, generation {disk.generation}"
+
+    def _commit_disk(self) -> None:
+        """A clean stop commits writes the guest did not flush (a crash would lose them)."""
+        try:
+            self.blk.disk.flush()
+        except (OSError, ValueError) as e:
+            self.config.disk_report(f"disk: final commit failed: {e}")
 
     def capture_state(self) -> dict:
         """vmstate.capture_vm: the state of this paused machine (refused while running)."""
@@ -164,7 +240,8 @@ class Machine:
         # interrupt suppression says.
         while transport.process_queue(queue) and not self._stopped.is_set():
             pass
-        self._device_event()
+        if not self.linux:
+            self._device_event()
 
     def _device_event(self) -> None:
         for v in self.vcpus:
@@ -225,6 +302,8 @@ class Machine:
         for slot in self.virtio:
             for w in slot.workers:
                 w.stop()
+        if self.blk is not None and self.blk.disk is not None:
+            self._commit_disk()
         for fd in self._extra_fds + list(self.config.attached.values()):
             os.close(fd)
         self.config.attached.clear()

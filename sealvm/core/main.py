@@ -129,7 +129,7 @@ class Dispatcher:
             P.OP.ATTACH: lambda f: None,          # done in handle(): it needs the fd
             P.OP.SNAPSHOT: lambda f: s.snapshot(f["receipt"]),
             P.OP.RESTORE: lambda f: s.restore(f["receipt"]),
-            P.OP.MIGRATE_OUT: lambda f: s.migrate_out(f["receipt"]),
+            P.OP.MIGRATE_OUT: lambda f: s.migrate_out(f["receipt"], f["downtime_ms"]),
             P.OP.MIGRATE_IN: lambda f: s.migrate_in(f["receipt"]),
         }
 

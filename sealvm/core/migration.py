@@ -44,6 +44,9 @@ _LEN = struct.Struct(">I")
 _OFF = struct.Struct(">Q")
 MAX_HELLO = 1024
 MAX_ROUNDS = 30
+# Of the downtime budget (300 ms unless the host asks otherwise), the stop-and-copy gets
+# half: the target's build, the owner's generation commit and the start take the rest.
+STOP_BUDGET_S = 0.15
 KVM_GET_TSC_KHZ = 0xAEA3       # _IO(KVMIO, 0xa3): the vCPU's TSC frequency
 Progress = Callable[[int, int], None]
 
@@ -123,7 +126,7 @@ class Source:
     """Sends a running machine; `run()` returns with the machine paused, fully sent."""
 
     def __init__(self, machine, sock: socket.socket, key: bytes, vm: str, generation: int,
-                 config: dict, progress: Progress, downtime_s: float = 0.3):
+                 config: dict, progress: Progress, downtime_s: float = STOP_BUDGET_S):
         self.machine, self.wire, self.key, self.vm = machine, Wire(sock), key, vm
         self.generation, self.config, self.progress = generation, config, progress
         self.downtime_s = downtime_s

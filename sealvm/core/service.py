@@ -42,7 +42,7 @@ CONSOLE_BACKLOG = 64 * 1024
 CONSOLE_EVENT_MAX = 64 * 1024
 PROGRESS_STEP = 64 << 20
 MIGRATION_TIMEOUT = 60.0
-ENTRY_MODES = {1: "pvh", 2: "long"}
+ENTRY_MODES = {1: "pvh", 2: "long", 3: "linux"}
 ATTACH_BLOCK, ATTACH_NET = AttachKind.BLOCK, AttachKind.NET
 ATTACH_NAMES = {k: k.name.lower() for k in AttachKind}
 DEVICE_OF_ATTACH = {ATTACH_BLOCK: "blk", ATTACH_NET: "net"}   # (kind, 0) attached -> device
@@ -107,9 +107,9 @@ class VmService:
     def load_image(self, kind: int, offset: int, total: int, data: bytes) -> None:
         with self._lock:
             self._need(EMPTY)
-            if kind not in (1, 3):
+            if kind not in (1, 2, 3):
                 raise Refused("OUT_OF_RANGE", f"image kind {kind} is not supported by this core")
-            if not 0 < total <= (MAX_IMAGE if kind == 1 else MAX_MANIFEST):
+            if not 0 < total <= (MAX_MANIFEST if kind == 3 else MAX_IMAGE):
                 raise Refused("OUT_OF_RANGE", f"size {total} of image kind {kind} out of range")
             buf = self.blobs.setdefault(kind, [bytearray(), total])
             if offset == 0:
@@ -156,6 +156,11 @@ class VmService:
             if entry not in ENTRY_MODES or flags & ~KNOWN_FLAGS or (
                     flags & FLAG_THP and flags & FLAG_HUGETLB):
                 raise Refused("OUT_OF_RANGE", "unknown entry mode or flags")
+            initrd = self.blobs.get(2)
+            if initrd is not None and (len(initrd[0]) != initrd[1] or ENTRY_MODES[entry] != "linux"):
+                raise Refused("WRONG_STATE", "initrd incomplete, or given for a non-Linux entry")
+            if manifest is not None and ENTRY_MODES[entry] == "linux":
+                raise Refused("FAILED", "an owner manifest for a Linux guest is not supported yet")
             devices = ["rng"] if flags & FLAG_RNG else []
             devices += [DEVICE_OF_ATTACH[k] for k, i in self.attached if k in DEVICE_OF_ATTACH
                         and i == 0]
@@ -170,18 +175,21 @@ class VmService:
                     raise Refused("FAILED", str(e)) from None
             self.config = dict(memory_mib=memory_mib, vcpus=vcpus, entry=ENTRY_MODES[entry],
                                flags=flags, cmdline=cmdline, devices=sorted(devices))
-            self.machine = self._build(self.config, bytes(image))
+            self.machine = self._build(self.config, bytes(image),
+                                       initrd=bytes(initrd[0]) if initrd is not None else None)
             self.blobs.clear()
             self.state = CONFIGURED
 
-    def _build(self, c: dict, image: bytes, restore=None, memory=None) -> Machine:
+    def _build(self, c: dict, image: bytes, restore=None, memory=None,
+               initrd: bytes | None = None) -> Machine:
         huge = ("thp" if c["flags"] & FLAG_THP else "hugetlb" if c["flags"] & FLAG_HUGETLB
                 else None)
         cfg = MachineConfig(image=image, memory=c["memory_mib"] * MiB, vcpus=c["vcpus"],
-                            cmdline=c["cmdline"], entry=c["entry"],
+                            cmdline=c["cmdline"], entry=c["entry"], initrd=initrd,
                             rng=bool(c["flags"] & FLAG_RNG), kvm_fd=self.kvm_fd,
                             bench_sinks=bool(c["flags"] & FLAG_BENCH_SINKS),
                             ram=RamOptions(bool(c["flags"] & FLAG_PREFAULT), huge),
+                            disk_report=self._disk_report,
                             attached={k: self.attached.pop(k) for k in list(self.attached)
                                       if k[0] in DEVICE_OF_ATTACH}, restore=restore,
                             ram_filled=memory)
@@ -298,7 +306,7 @@ class VmService:
         return self._build(config, b"", Restore(state, None, paused=False), memory)
 
     # ---- live migration (docs/migration.md) ------------------------------
-    def migrate_out(self, receipt: bytes) -> dict:
+    def migrate_out(self, receipt: bytes, downtime_ms: int = 300) -> dict:
         """Send the VM over the attached MIGRATION stream; it ends paused here, and may
         resume only with the broker's receipt for the ticket (the target never took over)."""
         from . import migration as MG
@@ -319,7 +327,8 @@ class VmService:
                 sock.settimeout(MIGRATION_TIMEOUT)
                 self._progress_sent = 0
                 report = MG.Source(self.machine, sock, key, att.manifest["name"],
-                                   att.generation, self.config, self._progress).run()
+                                   att.generation, self.config, self._progress,
+                                   downtime_ms / 2000).run()
             except (OSError, MG.MigrationError, SealError, ValueError) as e:
                 if was_running:     # the stream never ended: the target cannot take over
                     self.machine.resume()
@@ -389,12 +398,35 @@ class VmService:
                     raise Refused("FAILED", str(e)) from None
                 self._emit("LOG", {"level": 20, "message": clip(
                     "attestation: " + self.attestation.result)})
+            if self.machine.blk is not None:
+                self._open_disk()
             if self.attestation is not None and self.attestation.keys is not None:
                 from . import migration, snapshot  # noqa: F401  (no imports after seccomp)
             self._before_start()
             self.state = RUNNING
             self.machine.start()
         self._report_modules()
+
+    def _open_disk(self) -> None:
+        """The disk key: the owner's (attested) or, in test mode only, the environment's."""
+        from .diskseal import DiskError
+        from .sandbox.switches import test_disk_key
+        if self.attestation is not None:
+            key = (self.attestation.keys or {}).get("disk")
+        else:
+            key = test_disk_key()
+        if key is None:
+            raise Refused("FAILED", "a disk is attached but there is no disk key (the owner "
+                                    "releases it to an attested core)")
+        try:
+            line = self.machine.open_disk(key)
+        except (DiskError, OSError) as e:
+            self._emit("LOG", {"level": 40, "message": clip(f"disk refused: {e}")})
+            raise Refused("FAILED", f"disk refused: {e}") from None
+        self._emit("LOG", {"level": 20, "message": clip(line)})
+
+    def _disk_report(self, message: str) -> None:
+        self._emit("LOG", {"level": 40, "message": clip(message)})
 
     def _report_modules(self) -> None:
         """Tell the host which modules this core runs with (the TCB tool counts them)."""
@@ -440,7 +472,17 @@ class VmService:
                     stop_reason=clip(self.stop_reason),
                     vcpus=len(m.vcpus) if m else 0,
                     memory_mib=(m.config.memory // MiB) if m else 0,
-                    exits=sum(v.exits for v in m.vcpus) if m else 0)
+                    exits=sum(v.exits for v in m.vcpus) if m else 0,
+                    **self._disk_counters(m))
+
+    @staticmethod
+    def _disk_counters(m) -> dict:
+        blk = m.blk if m else None
+        disk = blk.disk if blk else None
+        return dict(disk_requests=blk.requests if blk else 0,
+                    disk_tampered=blk.tampered if blk else 0,
+                    disk_io_errors=blk.io_errors if blk else 0,
+                    disk_generation=disk.generation if disk else 0)
 
     # ---- from the machine -----------------------------------------------
     def _console(self, data: bytes) -> None:

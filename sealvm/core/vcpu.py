@@ -17,7 +17,7 @@ import threading
 from typing import Callable
 
 from .bus import Bus
-from .devices.actions import ConsoleOutput, GuestExit, Park
+from .devices.actions import ConsoleOutput, GuestExit, GuestReset, Park
 from .kvm import ioctls as K
 from .kvm.api import VcpuFd, VcpuInterrupted, exit_name
 
@@ -169,6 +169,8 @@ class Vcpu:
             self._park(action.usecs)
         elif isinstance(action, GuestExit):
             self._stop(f"guest exited with status {action.status}", action.status)
+        elif isinstance(action, GuestReset):
+            self._stop(action.reason, None)
 
     def _park(self, usecs: int) -> None:
         """Sleep until a device event or the timeout; uses no CPU meanwhile."""

@@ -141,6 +141,8 @@ def capture_vm(machine) -> dict:
         if c.state != VcpuControl.PAUSED or c.parked != len(machine.vcpus):
             raise VmStateError("capture needs a paused machine (every vCPU parked)")
     devices = devstate.capture_devices(machine)     # drains queued work first
+    if getattr(machine, "blk", None) is not None and machine.blk.disk is not None:
+        machine.blk.disk.flush()     # the sealed disk is left at least as new as the snapshot
     msrs = savable_msrs(machine.kvm)
     cpus = []
     for v in machine.vcpus:

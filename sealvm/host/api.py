@@ -31,6 +31,9 @@ class CreateVm(BaseModel):
     owner_pub: str | None = Field(default=None, description="the owner's owner.pub.json (default: "
                                   "two levels above `manifest`)")
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
+    disk: str | None = Field(default=None, description="a sealed disk image (`sealvm disk "
+                             "create`) the daemon opens and hands to the core as a virtio-blk "
+                             "device; the daemon never holds its key")
 
 
 class VmView(BaseModel):
@@ -41,6 +44,7 @@ class VmView(BaseModel):
     cmdline: str
     entry: str
     rng: bool
+    disk: str = ""
     state: str
     pid: int
     uid: int
@@ -63,10 +67,14 @@ class IncomingSpec(BaseModel):
     owner_pub: str | None = None
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
     listen: str = Field(default="127.0.0.1", description="address the stream is taken on")
+    disk: str | None = Field(default=None, description="the VM's sealed disk as this host "
+                             "reaches it (shared storage)")
 
 
 class MigrateSpec(BaseModel):
     to: str = Field(description="HOST:PORT of the target (from POST /v1/incoming there)")
+    downtime_ms: int = Field(default=300, ge=10, le=60_000, description="the downtime "
+                             "budget: pre-copy goes on until the rest fits in it")
 
 
 class FinishSpec(BaseModel):
@@ -80,6 +88,8 @@ class RestoreSpec(BaseModel):
     owner_pub: str | None = None
     broker: str = Field(default="http://127.0.0.1:8470", description="the owner's key broker")
     start: bool = Field(default=True, description="run the restored VM right away")
+    disk: str | None = Field(default=None, description="the VM's sealed disk image, when it "
+                             "had one (the daemon opens it; the core checks it)")
 
 
 def _errors(fn):
@@ -116,7 +126,8 @@ def build_app(manager: VmManager) -> FastAPI:
                 from .oneshot import read_manifest_bundle
                 bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
             rec = manager.create(spec.name, spec.image, spec.memory_mib, spec.vcpus, spec.cmdline,
-                                 spec.entry, spec.rng, bundle, spec.broker if bundle else "")
+                                 spec.entry, spec.rng, bundle, spec.broker if bundle else "",
+                                 disk=spec.disk)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()
@@ -135,7 +146,7 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker)
+            rec = manager.restore(spec.snapshot, spec.name, bundle, spec.broker, spec.disk)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()
@@ -147,13 +158,13 @@ def build_app(manager: VmManager) -> FastAPI:
         def go():
             from .oneshot import read_manifest_bundle
             bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
-            return manager.incoming(spec.name, bundle, spec.broker, spec.listen)
+            return manager.incoming(spec.name, bundle, spec.broker, spec.listen, spec.disk)
         return _errors(go)
 
     @app.post("/v1/vms/{vm_id}/migrate")
     def migrate_vm(vm_id: str, spec: MigrateSpec) -> dict:
         """Stream the VM to a target core; the report: rounds, pages, bytes, stop phase."""
-        return _errors(lambda: manager.migrate(vm_id, spec.to))
+        return _errors(lambda: manager.migrate(vm_id, spec.to, spec.downtime_ms))
 
     @app.post("/v1/vms/{vm_id}/migrate/finish", response_model=VmView)
     def migrate_finish(vm_id: str, spec: FinishSpec):

@@ -25,6 +25,8 @@ def add_parser(sub, parse_size) -> None:
     c.add_argument("--entry", choices=("pvh", "long"), default="pvh")
     c.add_argument("--no-rng", action="store_true")
     c.add_argument("--start", action="store_true", help="start it right away")
+    c.add_argument("--disk", metavar="FILE", help="a sealed disk image (sealvm disk create) to "
+                                                  "attach as a virtio-blk device")
     c.add_argument("--manifest", metavar="DIR", help="the owner's signed manifest directory")
     c.add_argument("--owner-pub", metavar="FILE", help="the owner's owner.pub.json")
     c.add_argument("--broker", metavar="URL", default="http://127.0.0.1:8470",
@@ -62,6 +64,10 @@ def add_parser(sub, parse_size) -> None:
     mg.add_argument("--broker", metavar="URL", help="the owner's key broker as the target "
                     "reaches it (default: the VM's broker here)")
     mg.add_argument("--name", help="VM id on the target (default: the same)")
+    mg.add_argument("--downtime-ms", type=int, default=300,
+                    help="downtime budget the pre-copy aims for (default %(default)s)")
+    mg.add_argument("--disk", metavar="FILE", help="the VM's sealed disk as the target host "
+                    "reaches it (shared storage)")
     rs = vs.add_parser("restore", help="a new VM from a sealed snapshot",
                        description="A new core attests to the owner's broker as the restorer "
                        "of SNAPSHOT; the broker releases the key only for the VM's newest "
@@ -74,6 +80,7 @@ def add_parser(sub, parse_size) -> None:
                     help="the owner's key broker (default %(default)s)")
     rs.add_argument("--name", help="VM id of the restored VM; generated if absent")
     rs.add_argument("--paused", action="store_true", help="restore without starting it")
+    rs.add_argument("--disk", metavar="FILE", help="the VM's sealed disk image, if it had one")
     con = vs.add_parser("console", help="print the VM's console (--follow to stream it)")
     con.add_argument("vm")
     con.add_argument("--follow", "-f", action="store_true")
@@ -132,11 +139,12 @@ def _migrate(http, args) -> int:
         r = target.post("/v1/incoming", json=dict(
             name=name, manifest=os.path.abspath(args.manifest), broker=broker,
             owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
-            listen=args.address))
+            listen=args.address, disk=os.path.abspath(args.disk) if args.disk else None))
         _check(r)
         port = r.json()["port"]
         r = _with_progress(http, args.vm, "migrating", lambda: http.post(
-            f"/v1/vms/{args.vm}/migrate", json={"to": f"{args.address}:{port}"}))
+            f"/v1/vms/{args.vm}/migrate", json={"to": f"{args.address}:{port}",
+                                               "downtime_ms": args.downtime_ms}))
         if r.status_code >= 400:
             target.delete(f"/v1/vms/{name}")
             _check(r)
@@ -164,7 +172,8 @@ def run(args) -> int:
                         entry=args.entry, rng=not args.no_rng, start=args.start,
                         manifest=os.path.abspath(args.manifest) if args.manifest else None,
                         owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
-                        broker=args.broker)
+                        broker=args.broker,
+                        disk=os.path.abspath(args.disk) if args.disk else None)
             r = http.post("/v1/vms", json=body)
             _check(r)
             print(r.json()["id"])
@@ -196,7 +205,8 @@ def run(args) -> int:
             body = dict(snapshot=os.path.abspath(args.snapshot), name=name,
                         manifest=os.path.abspath(args.manifest),
                         owner_pub=os.path.abspath(args.owner_pub) if args.owner_pub else None,
-                        broker=args.broker, start=not args.paused)
+                        broker=args.broker, start=not args.paused,
+                        disk=os.path.abspath(args.disk) if args.disk else None)
             r = _with_progress(http, name, "restoring", lambda: http.post("/v1/restore",
                                                                            json=body))
             _check(r)

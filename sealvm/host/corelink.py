@@ -139,10 +139,10 @@ class CoreLink:
         from it and answers a ticket; with the broker's receipt the VM may start."""
         return self._call(Op.RESTORE, timeout=3600, receipt=receipt)
 
-    def migrate_out(self, receipt: bytes = b"") -> dict:
+    def migrate_out(self, receipt: bytes = b"", downtime_ms: int = 300) -> dict:
         """Empty receipt: send the VM over the attached MIGRATION stream; with the broker's
         receipt (the target never took over): resume here."""
-        return self._call(Op.MIGRATE_OUT, timeout=3600, receipt=receipt)
+        return self._call(Op.MIGRATE_OUT, timeout=3600, receipt=receipt, downtime_ms=downtime_ms)
 
     def migrate_in(self, receipt: bytes = b"") -> dict:
         """Empty receipt: take the VM from the attached MIGRATION stream; with the broker's

@@ -19,6 +19,8 @@ from ..launcher.protocol import (FLAG_ATTEST, FLAG_INSECURE_SAME_UID, OP_SPAWN, 
                                  decode_reply, encode_request, recv_with_fd)
 from ..wire import portal_ops as P
 from ..wire.portal_ops import CONFIG_FLAG_RNG
+from .backends.blockfile import open_disk_file
+from ..wire.portal_ops import AttachKind
 from .corelink import CoreLink, CoreRefused, read_image
 from .records import RecordStore, VmRecord, new_vm_id
 
@@ -111,16 +113,27 @@ class VmManager:
 
     # ---- lifecycle -------------------------------------------------------
     def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
-               manifest: bytes | None = None, broker: str = "") -> VmRecord:
+               manifest: bytes | None = None, broker: str = "",
+               disk: str | None = None) -> VmRecord:
         vm_id = new_vm_id(name)
         if entry not in ("pvh", "long"):
             raise ValueError(f"entry must be pvh or long, not {entry!r}")
         data = read_image(image)
+        disk_fd = open_disk_file(disk) if disk else None    # before any core exists
+        try:
+            return self._create(vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng,
+                                manifest, broker, disk, disk_fd)
+        finally:
+            if disk_fd is not None:
+                os.close(disk_fd)
+
+    def _create(self, vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng, manifest,
+                broker, disk, disk_fd) -> VmRecord:
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
             rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng,
-                           broker=broker)
+                           broker=broker, disk=os.path.abspath(disk) if disk else "")
             self.records[vm_id] = rec
         try:
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib,
@@ -130,11 +143,13 @@ class VmManager:
             link.load_image(data)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
+            if disk_fd is not None:
+                link.attach(AttachKind.BLOCK, 0, disk_fd)
             link.configure(memory_mib, vcpus, entry, CONFIG_FLAG_RNG if rng else 0, cmdline)
         except (CoreRefused, OSError) as e:
             rec.state, rec.stop_reason = "failed", str(e)
             self.store.save(rec)
-            self._release(vm_id)
+            self._finish(vm_id)     # the core would otherwise wait for a host forever
             raise CoreRefused(str(e)) from None
         self._set_state(rec, "configured")
         return rec
@@ -183,18 +198,27 @@ class VmManager:
         return {"snapshot": path, "generation": done["generation"], "bytes": sealed["bytes"],
                 **timing}
 
-    def restore(self, snapshot: str, name: str | None, manifest: bytes, broker: str) -> VmRecord:
-        """A new VM whose core attests as the restorer of `snapshot` and rebuilds it."""
+    def restore(self, snapshot: str, name: str | None, manifest: bytes, broker: str,
+                disk: str | None = None) -> VmRecord:
+        """A new VM whose core attests as the restorer of `snapshot` and rebuilds it (with
+        the VM's sealed disk, when it had one)."""
         import json
         m = json.loads(json.loads(manifest)["manifest"])
         vm_id = new_vm_id(name)
-        fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+        disk_fd = open_disk_file(disk) if disk else None
+        try:
+            fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            if disk_fd is not None:
+                os.close(disk_fd)
+            raise
         try:
             with self._lock:
                 if vm_id in self.records:
                     raise ValueError(f"a VM named {vm_id!r} exists already")
                 rec = VmRecord(vm_id, os.path.abspath(snapshot), m["memory_mib"], m["vcpus"],
-                               m["cmdline"], m["entry"], "rng" in m["devices"], broker=broker)
+                               m["cmdline"], m["entry"], "rng" in m["devices"], broker=broker,
+                               disk=os.path.abspath(disk) if disk else "")
                 self.records[vm_id] = rec
             try:
                 t0 = time.perf_counter()
@@ -203,6 +227,8 @@ class VmManager:
                 self.store.save(rec)
                 link = self._link(rec, sock)
                 link.load_image(manifest, kind=3)
+                if disk_fd is not None:
+                    link.attach(P.AttachKind.BLOCK, 0, disk_fd)
                 link.attach(P.AttachKind.SNAPSHOT, 0, fd)
                 self.progress[vm_id] = (0, 0)
                 t1 = time.perf_counter()
@@ -218,12 +244,14 @@ class VmManager:
                 raise CoreRefused(str(e)) from None
         finally:
             os.close(fd)
+            if disk_fd is not None:
+                os.close(disk_fd)
         self._set_state(rec, "configured")
         return rec
 
     # ---- live migration (docs/migration.md) ------------------------------
     def incoming(self, name: str | None, manifest: bytes, broker: str,
-                 listen: str = "127.0.0.1") -> dict:
+                 listen: str = "127.0.0.1", disk: str | None = None) -> dict:
         """Get ready to take a migrating VM: a core that will attest as its target, and a
         TCP port for the source host's stream.  Returns {"id", "port"} at once; the VM
         starts here only if the owner's broker makes this copy the newest."""
@@ -237,18 +265,26 @@ class VmManager:
                            m["entry"], "rng" in m["devices"], broker=broker)
             self.records[vm_id] = rec
         lsock = socket.create_server((listen, 0))
+        disk_fd = None
         try:
+            disk_fd = open_disk_file(disk) if disk else None
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, m["memory_mib"],
                                                                      attest=True)
             self.store.save(rec)
             link = self._link(rec, sock)
             link.load_image(manifest, kind=3)
-        except (CoreRefused, OSError) as e:
+            if disk_fd is not None:      # the same sealed disk (shared storage); the target
+                link.attach(P.AttachKind.BLOCK, 0, disk_fd)  # opens it only once it runs
+        except (CoreRefused, OSError, ValueError) as e:
+            if disk_fd is not None:
+                os.close(disk_fd)
             lsock.close()
             rec.state, rec.stop_reason = "failed", str(e)
             self.store.save(rec)
             self._finish(vm_id)
             raise CoreRefused(str(e)) from None
+        if disk_fd is not None:
+            os.close(disk_fd)
         self._set_state(rec, "incoming")
         threading.Thread(target=self._take_over, args=(rec, link, lsock), daemon=True,
                          name=f"incoming-{vm_id}").start()
@@ -273,7 +309,7 @@ class VmManager:
         finally:
             lsock.close()
 
-    def migrate(self, vm_id: str, to: str) -> dict:
+    def migrate(self, vm_id: str, to: str, downtime_ms: int = 300) -> dict:
         """Send the VM to the target core listening at HOST:PORT.  Afterwards the VM is
         paused here until `migrate_finish` learns whether the target took over."""
         rec = self.get(vm_id)
@@ -289,7 +325,7 @@ class VmManager:
             link.attach(P.AttachKind.MIGRATION, 0, conn.fileno())
         self.progress[vm_id] = (0, 0)
         t0 = time.perf_counter()
-        out = link.migrate_out()
+        out = link.migrate_out(downtime_ms=downtime_ms)
         self.pending_migrations[vm_id] = out["ticket"]
         self._set_state(rec, "migrated")
         import json

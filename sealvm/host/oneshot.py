@@ -116,10 +116,32 @@ def run_oneshot(args) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(args) -> int:
+def guest_images(args) -> tuple[bytes, bytes | None]:
+    """(kernel or ELF image, initrd); sets args.entry.  Raises ValueError (usage)."""
+    from ..cli import LINUX_DEFAULT_CMDLINE
     from .corelink import read_image
+    if (args.guest is None) == (args.kernel is None):
+        raise ValueError("give either GUEST (an ELF image) or --kernel BZIMAGE")
+    if args.kernel is not None:
+        if args.entry not in (None, "linux"):
+            raise ValueError(f"--kernel boots Linux; --entry {args.entry} is for ELF images")
+        args.entry = "linux"
+    args.entry = args.entry or "pvh"
+    if args.initrd is not None and args.entry != "linux":
+        raise ValueError("--initrd needs a Linux kernel (--kernel, or --entry linux)")
+    if args.entry == "linux" and not args.cmdline:
+        args.cmdline = LINUX_DEFAULT_CMDLINE
+    if args.entry == "linux" and os.path.isdir("/sys/module/kvm_pvm"):
+        print("sealvm: WARNING: this host's KVM is kvm_pvm, which runs only kernels built as PVM "
+              "guests: an unmodified Linux kernel will not get past its first instructions "
+              "(see docs/linux.md)", file=sys.stderr)
+    image = read_image(args.kernel or args.guest)
+    return image, (read_image(args.initrd) if args.initrd is not None else None)
+
+
+def _run(args) -> int:
     try:
-        image = read_image(args.guest)
+        image, initrd = guest_images(args)
     except ValueError as e:
         return _fail(str(e))
     memory_mib = args.memory >> 20
@@ -153,7 +175,7 @@ def _run(args) -> int:
         if problem:
             handle.process.kill()
             return _fail(problem)
-        return _drive(handle, image, manifest, memory_mib, flags, args, console_fd)
+        return _drive(handle, image, manifest, memory_mib, flags, args, console_fd, initrd)
     finally:
         if handle is not None:
             try:       # after STOP the core exits by itself; otherwise it never got going
@@ -190,8 +212,42 @@ def core_exit_reason(handle) -> str:
     return f"the core exited with status {rc}"
 
 
+def _report_disk(link) -> None:
+    """The core's disk counters (QUERY), on stderr."""
+    from .corelink import CoreRefused
+    try:
+        q = link.query()
+    except (CoreRefused, RuntimeError, OSError):
+        return
+    print(f"sealvm: disk: {q['disk_requests']} requests, {q['disk_tampered']} tampering "
+          f"detected, {q['disk_io_errors']} host I/O errors, generation {q['disk_generation']}",
+          file=sys.stderr)
+
+
+def _forward_stdin(link, stopped: threading.Event) -> None:
+    """Copy our stdin to the guest's serial console until EOF or the VM stops (not from a
+    terminal we do not own: reading it from the background would stop us with SIGTTIN)."""
+    from .corelink import CoreRefused
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) != os.getpgrp():
+            return
+    except OSError:
+        return
+    while not stopped.is_set():
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        try:
+            link.console_input(data)
+        except (CoreRefused, RuntimeError, OSError):
+            return
+
+
 def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags: int, args,
-           console_fd: int) -> int:
+           console_fd: int, initrd: bytes | None = None) -> int:
     from .corelink import CoreLink, CoreRefused
     stopped = threading.Event()
     link = CoreLink(handle.vm_id, handle.portal, None,
@@ -202,13 +258,22 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
         try:
             link.hello()
             link.load_image(image)
+            if initrd is not None:
+                link.load_image(initrd, kind=2)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
+            if getattr(args, "disk", None):
+                from .backends.blockfile import DiskFileError, attach_disk
+                try:
+                    attach_disk(link, args.disk)
+                except DiskFileError as e:
+                    return _fail(str(e))
             link.configure(memory_mib, args.vcpus, args.entry,
                            flags, args.cmdline)
             link.start()
         except CoreRefused as e:
             return _fail(str(e))
+        threading.Thread(target=_forward_stdin, args=(link, stopped), daemon=True).start()
         try:
             while not stopped.wait(0.5):
                 if link.client.closed:
@@ -218,6 +283,8 @@ def _drive(handle, image: bytes, manifest: bytes | None, memory_mib: int, flags:
             print("\nsealvm: stopped (Ctrl-C)", file=sys.stderr)
             return EXIT_INTERRUPTED
         status, reason = link.stopped
+        if getattr(args, "disk", None):
+            _report_disk(link)
         if status < 0:
             print(f"sealvm: VM stopped: {reason}", file=sys.stderr)
             return EXIT_VM_CRASHED

@@ -28,6 +28,7 @@ class VmRecord:
     cmdline: str = ""
     entry: str = "pvh"
     rng: bool = True
+    disk: str = ""            # the sealed disk image attached at create, if any
     state: str = "creating"   # creating, configured, running, paused, stopped, lost, failed
     pid: int = 0
     uid: int = 0

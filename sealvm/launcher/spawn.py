@@ -156,7 +156,8 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
                                  f"--memory-mib={memory_mib}"] + \
             [f"--{k}-fd={v}" for k, v in fds.items()]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-        for k in ("SEALVM_TEST_MODE", "SEALVM_INSECURE_TEST_DISABLE", "SEALVM_PREBOOT_TEST_EXTEND"):
+        for k in ("SEALVM_TEST_MODE", "SEALVM_INSECURE_TEST_DISABLE", "SEALVM_PREBOOT_TEST_EXTEND",
+                  "SEALVM_TEST_DISK_KEY"):
             if k in os.environ:
                 env[k] = os.environ[k]
         kw = {}

@@ -98,6 +98,7 @@ MAX_TICKET = 4096              # a snapshot's generation ticket or the broker's 
 class EntryMode(enum.IntEnum):
     PVH = 1
     LONG = 2
+    LINUX = 3         # KERNEL is a bzImage (64-bit boot protocol), INITRD optional
 
 
 class LogLevel(enum.IntEnum):
@@ -176,7 +177,10 @@ _SPECS = (
     # state and counters; exit_status -1 while none
     OpSpec(Op.QUERY, "QUERY", Kind.REQUEST, CAP_VM, (),
            (_STATE, I32("exit_status"), Str("stop_reason", MAX_MESSAGE),
-            U16("vcpus", hi=MAX_VCPUS), U32("memory_mib", hi=MAX_MEMORY_MIB), U64("exits"))),
+            U16("vcpus", hi=MAX_VCPUS), U32("memory_mib", hi=MAX_MEMORY_MIB), U64("exits"),
+            # the sealed disk: requests served, tampering detected, host I/O errors, commits
+            U64("disk_requests"), U64("disk_tampered"), U64("disk_io_errors"),
+            U64("disk_generation"))),
     # bytes for the guest's serial console
     OpSpec(Op.CONSOLE_INPUT, "CONSOLE_INPUT", Kind.REQUEST, CAP_VM,
            (Bytes("data", MAX_CONSOLE_INPUT),)),
@@ -197,7 +201,7 @@ _SPECS = (
     # then stop-and-copy), answer the ticket the source needs to resume if the target
     # never takes over; with the broker's receipt: resume here
     OpSpec(Op.MIGRATE_OUT, "MIGRATE_OUT", Kind.REQUEST, CAP_VM,
-           (Bytes("receipt", MAX_TICKET),),
+           (Bytes("receipt", MAX_TICKET), U32("downtime_ms", lo=10, hi=60_000)),
            (Bytes("ticket", MAX_TICKET), U64("generation"), U64("bytes"),
             Str("report", MAX_MESSAGE))),
     # empty receipt: attest as the migration target, take the VM from the attached

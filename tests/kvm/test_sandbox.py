@@ -544,6 +544,18 @@ extra = os.open("/dev/null", os.O_RDONLY)
 buf = mmap.mmap(-1, 1 << 16)
 buf[:1] = b"x"
 anchor = ctypes.c_char.from_buffer(buf); address = ctypes.addressof(anchor); del anchor
+from sealvm.core import diskseal
+from sealvm.core.sandbox.switches import disabled
+disk_fd = os.memfd_create("disk"); disk_io = diskseal.FileIO(disk_fd)
+diskseal.format_disk(disk_io, bytes(32), 1)
+disk = diskseal.SealedDisk(disk_io, bytes(32), verify=not disabled("disk_integrity"))
+disk.write_block(0, bytes(4096))
+os.pwrite(disk_fd, bytes([255]), disk.layout.slot(0, disk.entry(0)[3]) + 100)
+try:
+    disk.read_block(0)
+    disk_integrity = False
+except diskseal.DiskTamper:
+    disk_integrity = True
 try:
     sandbox.harden_process(mlock_limit_needed=1 << 60)
     memlock_check = False
@@ -563,6 +575,7 @@ state = {
     "close_fds": not os.path.exists(f"/proc/self/fd/{extra}"),
     "mlock": vma["Locked"] != "0 kB",
     "dont_dump": "dd" in vma["VmFlags"].split(),
+    "disk_integrity": disk_integrity,
 }
 try:
     sandbox.install_core_filter()

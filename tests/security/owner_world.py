@@ -23,6 +23,7 @@ from tests.e2e.conftest import Hostd
 from tests.security.harness import start_broker
 
 MEMTOUCH = "mib=8 secs=0 rate=2000"
+BLKBENCH = "tests=seqwrite,sleep,seqread sleep_ms=5000 qd=4 count=64 seed=7"
 
 
 def cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -38,15 +39,17 @@ def world():
     os.chmod(base, 0o755)
     owner = base / "owner"
     assert cli("owner", "init", str(owner)).returncode == 0
-    for name, guest, cmdline in (("snap", "memtouch", MEMTOUCH), ("secret", "canary", "mib=4 secs=600")):
+    for name, guest, cmdline, devices in (("snap", "memtouch", MEMTOUCH, "rng"),
+                                          ("secret", "canary", "mib=4 secs=600", "rng"),
+                                          ("dsk", "blkbench", BLKBENCH, "blk,rng")):
         r = cli("owner", "sign", "--dir", str(owner), str(guest_image(guest)), "--name", name,
-                "--cmdline", cmdline, "--memory", "64")
+                "--cmdline", cmdline, "--memory", "64", "--devices", devices)
         assert r.returncode == 0, r.stderr
     m = json.loads(cli("measure").stdout)
     for kind, value in (("host", m["host_pub"]), ("core", m["core_measurement"])):
         assert cli("owner", "policy", "--dir", str(owner), "add", kind, value).returncode == 0
     public = base / "public"          # what the owner publishes: manifests and public keys
-    for name in ("snap", "secret"):
+    for name in ("snap", "secret", "dsk"):
         shutil.copytree(owner / "vms" / name, public / "vms" / name)
     shutil.copy(owner / "owner.pub.json", public / "owner.pub.json")
     for p in [public, *public.rglob("*")]:

@@ -29,8 +29,8 @@ class Relay:
     and can flip one byte of it or cut it after some bytes."""
 
     def __init__(self, target: tuple[str, int], flip_at: int | None = None,
-                 cut_at: int | None = None):
-        self.target, self.flip_at, self.cut_at = target, flip_at, cut_at
+                 cut_at: int | None = None, on_cut=None):
+        self.target, self.flip_at, self.cut_at, self.on_cut = target, flip_at, cut_at, on_cut
         self.captured = bytearray()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -47,7 +47,10 @@ class Relay:
                         data = bytearray(data)
                         data[self.flip_at - start] ^= 0x20
                     if self.cut_at is not None and len(self.captured) >= self.cut_at:
-                        break
+                        if self.on_cut is None:
+                            break
+                        self.on_cut()           # e.g. kill the target, then keep relaying
+                        self.cut_at = None
                 dst.sendall(data)
         except OSError:
             pass
@@ -140,11 +143,17 @@ def test_migrated_vm_keeps_running_and_the_old_copy_stops(world, host_b):
     cleanup(w, b, "mig-a")
 
 
-def test_cut_stream_leaves_the_vm_running_on_the_source(world, host_b):
+@pytest.mark.parametrize("how", ["stream cut", "target core killed"])
+def test_failure_mid_stream_leaves_the_vm_running_on_the_source(world, host_b, how):
     w, b = world, host_b
-    vm = create(w, "snap", "memtouch", MEMTOUCH, "mig-cut", b["url"])
+    vm = create(w, "snap", "memtouch", MEMTOUCH, f"mig-cut{len(how)}", b["url"])
     wait_for(w, vm, r"memtouch t=1 ")
-    m, state, fin, _ = migrate(w, b, vm, "mig-cut", {"cut_at": 3 << 20})
+
+    def kill_target():
+        os.kill(b["hostd"].api().get(f"/v1/vms/{vm}").json()["pid"], 9)
+    kw = {"cut_at": 3 << 20} if how == "stream cut" else {"cut_at": 3 << 20,
+                                                          "on_cut": kill_target}
+    m, state, fin, _ = migrate(w, b, vm, vm, kw)
     assert m.status_code >= 400 and "stays here" in m.json()["detail"], m.text
     assert state == "failed"
     assert w["hostd"].api().get(f"/v1/vms/{vm}").json()["state"] == "running"
@@ -226,7 +235,8 @@ def test_old_copy_cannot_resume_after_the_target_took_over(world, host_b):
         pc.hello()
         with pytest.raises(PortalRefused, match="migrated away"):
             pc.call(Op.RESUME)
-    fin = w["hostd"].api().post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": False})
+        fin = w["hostd"].api().post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": False})
+        pc.call(Op.STOP)                  # this connection holds the core's token now
     assert fin.json()["state"] == "stopped" and "fenced" in fin.json()["stop_reason"]
     cleanup(w, b, "mig-f")
 
@@ -265,3 +275,43 @@ def test_guest_secret_never_crosses_the_wire_in_the_clear(world, host_b):
     assert secret in plain.captured
     w["hostd"].api().post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": True})
     cleanup(w, b, "mig-s")
+
+
+def test_vm_with_a_sealed_disk_migrates_and_reads_back_what_it_wrote(world, host_b):
+    """blkbench writes its pattern and sleeps; it is migrated meanwhile (the disk file is
+    shared storage both hosts reach); on the target it reads every block back."""
+    import shutil
+    import subprocess
+    import sys
+    from tests.conftest import ROOT, guest_image
+    from tests.security.owner_world import BLKBENCH
+    w, b = world, host_b
+    disk = w["base"] / "mig-dsk.img"
+    r = subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", "4M", "-o",
+                        str(disk), "--owner", str(w["owner"]), "--vm", "dsk"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.chown(disk, 63970, 63970)
+    r = w["hostd"].api().post("/v1/vms", json=dict(
+        image=str(guest_image("blkbench")), name="mdsk", memory_mib=64, cmdline=BLKBENCH,
+        start=True, manifest=str(w["public"] / "vms" / "dsk"), broker=b["url"],
+        disk=str(disk)))
+    assert r.status_code == 201, r.text
+    wait_for(w, "mdsk", "blkbench sleeping")
+    r = b["hostd"].api().post("/v1/incoming", json=dict(
+        name="mdsk", manifest=str(w["public"] / "vms" / "dsk"), broker=b["url"],
+        listen="10.201.0.2", disk=str(disk)))
+    assert r.status_code == 201, r.text
+    m = w["hostd"].api().post("/v1/vms/mdsk/migrate", json={"to": f"10.201.0.2:{r.json()['port']}"})
+    assert m.status_code == 200, m.text
+    deadline = time.monotonic() + 30
+    while b["hostd"].api().get("/v1/vms/mdsk").json()["state"] != "running":
+        assert time.monotonic() < deadline, b["hostd"].api().get("/v1/vms/mdsk").json()
+        time.sleep(0.05)
+    w["hostd"].api().post("/v1/vms/mdsk/migrate/finish", json={"taken_over": True})
+    deadline = time.monotonic() + 60
+    while "blkbench done" not in (text := b["hostd"].api().get("/v1/vms/mdsk/console").text):
+        assert time.monotonic() < deadline, text[-1000:]
+        time.sleep(0.1)
+    assert "blkbench done errors=0 mismatches=0" in text and "blkbench seqwrite" not in text
+    cleanup(w, b, "mdsk")

@@ -198,3 +198,36 @@ def test_guest_secret_is_not_in_the_snapshot(world):
                                                 "snapshot", data, exact=True))
     assert secret in plain
     w["hostd"].api().delete(f"/v1/vms/{vm}")
+
+
+def test_vm_with_a_sealed_disk_restores_and_reads_back_what_it_wrote(world):
+    """blkbench writes its pattern, sleeps (the snapshot is taken then), and after the
+    restore reads every block back through the same sealed disk and checks it."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT, guest_image
+    from tests.security.owner_world import BLKBENCH
+    w = world
+    disk = w["base"] / "dsk.img"
+    r = subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", "4M", "-o",
+                        str(disk), "--owner", str(w["owner"]), "--vm", "dsk"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.chown(disk, 63970, 63970)             # the daemon's uid opens it
+    r = w["hostd"].api().post("/v1/vms", json=dict(
+        image=str(guest_image("blkbench")), name="dsk-a", memory_mib=64, cmdline=BLKBENCH,
+        start=True, manifest=str(w["public"] / "vms" / "dsk"), broker=w["url"],
+        disk=str(disk)))
+    assert r.status_code == 201, r.text
+    wait_for(w, "dsk-a", "blkbench sleeping")
+    s = snapshot(w, "dsk-a", snap_dir(w) / "d.svs")
+    w["hostd"].api().delete("/v1/vms/dsk-a")
+    r = w["hostd"].api().post("/v1/restore", json=dict(
+        snapshot=str(s["path"]), name="dsk-b", manifest=str(w["public"] / "vms" / "dsk"),
+        broker=w["url"], start=True, disk=str(disk)))
+    assert r.status_code == 201, r.text
+    m = wait_for(w, "dsk-b", r"blkbench done errors=(\d+) mismatches=(\d+)", timeout=60)
+    assert m.groups() == ("0", "0"), console(w, "dsk-b")
+    assert "blkbench seqread" in console(w, "dsk-b")
+    assert "blkbench seqwrite" not in console(w, "dsk-b")     # it went on, not started over
+    w["hostd"].api().delete("/v1/vms/dsk-b")

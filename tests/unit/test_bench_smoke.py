@@ -158,3 +158,16 @@ def test_summary_table(tmp_path):
     assert "FAILED: RuntimeError: boom" in md
     path = C.write_result("unit", {"summary": [row], "host": host}, tmp_path)
     assert json.loads(path.read_text())["summary"][0]["met"] is True
+
+
+def test_disk_bench_parses_blkbench_phases():
+    from bench import disk
+    out = ("blkbench device=0xd0001000 queue=256 qd=4 bs=65536 size=8388608\n"
+           "blkbench seqwrite ops=128 bytes=8388608 cycles=2596000 kbps=1 iops=1 errors=0 "
+           "mismatches=0\nblkbench seqread ops=128 bytes=8388608 cycles=1298000 kbps=1 iops=1 "
+           "errors=0 mismatches=2\nblkbench done errors=0 mismatches=2\n")
+    p = disk.parse_phases(out)
+    assert set(p) == {"seqwrite", "seqread"}
+    assert p["seqread"]["cycles"] == 1298000 and p["seqread"]["mismatches"] == 2
+    assert set(disk.configs(True)) == {"seq64k", "rand4k-qd1", "rand4k-qd32"}
+    assert "disk" in run_all.MODULES

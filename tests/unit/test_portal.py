@@ -27,7 +27,7 @@ REQUESTS = {
     Op.ATTACH: dict(kind=P.AttachKind.BLOCK, index=1),
     Op.SNAPSHOT: dict(receipt=b'{"body":"x","mac":"y"}'),
     Op.RESTORE: dict(receipt=b""),
-    Op.MIGRATE_OUT: dict(receipt=b""),
+    Op.MIGRATE_OUT: dict(receipt=b"", downtime_ms=300),
     Op.MIGRATE_IN: dict(receipt=b"r"),
 }
 REPLIES = {
@@ -37,7 +37,8 @@ REPLIES = {
     Op.MIGRATE_IN: dict(ticket=b"{}", generation=9, bytes=0),
     Op.HELLO: dict(core_version=1, vm_token=TOKEN, state=P.VmState.EMPTY),
     Op.QUERY: dict(state=P.VmState.RUNNING, exit_status=-1, stop_reason="", vcpus=2,
-                   memory_mib=64, exits=12345678901),
+                   memory_mib=64, exits=12345678901, disk_requests=7, disk_tampered=1,
+                   disk_io_errors=0, disk_generation=42),
 }
 EVENTS = {
     Op.CONSOLE_OUTPUT: dict(data=b"hello\r\n"),
@@ -252,7 +253,7 @@ def load(kind=1, offset=0, total=16, data=b"x" * 16):
     (configure(vcpus=b"\0\0"), Status.OUT_OF_RANGE),
     (configure(vcpus=b"\x41\0"), Status.OUT_OF_RANGE),
     (configure(flags=b"\x20\0\0\0"), Status.OUT_OF_RANGE),                 # unknown flag bit
-    (configure(entry=b"\3"), Status.OUT_OF_RANGE),                         # enum value not allowed
+    (configure(entry=b"\4"), Status.OUT_OF_RANGE),                         # enum value not allowed
     (configure(entry=b"\0"), Status.OUT_OF_RANGE),
     (load(kind=4), Status.OUT_OF_RANGE),
     (load(total=0, data=b""), Status.OUT_OF_RANGE),
@@ -267,7 +268,7 @@ def load(kind=1, offset=0, total=16, data=b"x" * 16):
 ], ids=[
     'truncated', 'length-mismatch', 'trailing', 'str-truncated', 'str-too-long', 'str-huge-claim',
     'bad-utf8', 'utf8-surrogate', 'utf8-overlong', 'str-nul', 'int-below-min', 'int-above-max',
-    'vcpus-0', 'vcpus-65', 'flag-bit', 'enum-3', 'enum-0', 'image-kind',
+    'vcpus-0', 'vcpus-65', 'flag-bit', 'enum-4', 'enum-0', 'image-kind',
     'total-0', 'total-over-1g', 'offset-over-1g', 'chunk-past-total', 'bytes-too-long',
     'bytes-huge-claim',
     'bytes-truncated', 'len-prefix-truncated', 'short-header'])

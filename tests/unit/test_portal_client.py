@@ -79,7 +79,8 @@ class FakeCore:
             self.held.append(P.encode_reply(msg.op, msg.seq, Status.OK))
         elif msg.op == Op.QUERY:
             self.reply(msg, state=self.state, exit_status=-1, stop_reason="", vcpus=0,
-                       memory_mib=0, exits=0)
+                       memory_mib=0, exits=0, disk_requests=0, disk_tampered=0,
+                       disk_io_errors=0, disk_generation=0)
             for f in self.held:
                 self.sender.send(f)
         elif msg.op == Op.STOP:

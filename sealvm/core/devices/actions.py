@@ -20,9 +20,15 @@ class GuestExit:
 
 
 @dataclass(frozen=True, slots=True)
+class GuestReset:
+    """The guest asked for a reset (reboot, or a panic with panic=-1): the VM stops."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Park:
     """Park the calling vCPU until a device event, or `usecs` (0 = no limit)."""
     usecs: int
 
 
-Action = ConsoleOutput | GuestExit | Park
+Action = ConsoleOutput | GuestExit | GuestReset | Park

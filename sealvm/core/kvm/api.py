@@ -175,6 +175,15 @@ class VmFd(_Fd):
             raise KvmError(e.op, e.errno, f"{os.strerror(e.errno)} (slot {slot}, flags {flags:#x}, "
                            f"gpa {guest_phys_addr:#x}, size {memory_size:#x})") from None
 
+    def set_tss_addr(self, gpa: int) -> None:
+        """Three pages at `gpa` (outside guest RAM) for the TSS that VMX's real-mode emulation uses."""
+        self._ioctl(K.KVM_SET_TSS_ADDR, gpa)
+
+    def set_identity_map_addr(self, gpa: int) -> None:
+        """One page at `gpa` (outside guest RAM) for VMX's identity page table."""
+        # SAFETY: a whole u64; the kernel reads it.
+        self._ioctl(K.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(gpa))
+
     def create_vcpu(self, vcpu_id: int) -> "VcpuFd":
         fd = self._ioctl(K.KVM_CREATE_VCPU, vcpu_id)
         try:
@@ -221,13 +230,14 @@ class VcpuFd(_Fd):
         self._run_args = (ctypes.c_int(fd), ctypes.c_ulong(K.KVM_RUN), ctypes.c_ulong(0))
 
     def run(self) -> int:
-        """Enter the guest; return kvm_run.exit_reason.  Raises VcpuInterrupted on EINTR."""
+        """Enter the guest; return kvm_run.exit_reason.  Raises VcpuInterrupted on EINTR/EAGAIN."""
         if self.fd < 0:
             raise KvmError("VcpuFd", errno.EBADF, "the fd is closed")
         # SAFETY: KVM_RUN takes no argument; KVM writes only into the vCPU's own mmapped kvm_run.
         if _ioctl(*self._run_args) < 0:
             err = ctypes.get_errno()
-            if err == errno.EINTR:
+            # EAGAIN: a secondary vCPU left its wait for INIT/SIPI; run it again.
+            if err in (errno.EINTR, errno.EAGAIN):
                 raise VcpuInterrupted()
             raise KvmError("KVM_RUN", err)
         return self.run_struct.exit_reason

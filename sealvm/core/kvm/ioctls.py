@@ -52,6 +52,8 @@ KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, S.kvm_cpuid2)
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, S.kvm_userspace_memory_region)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, S.kvm_ioeventfd)
+KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, ctypes.c_uint64)
 
 # ---- vCPU ioctls -----------------------------------------------------------
 KVM_RUN = _IO(KVMIO, 0x80)

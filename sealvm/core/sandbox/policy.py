@@ -53,7 +53,10 @@ CORE_ALLOWED_SYSCALLS: dict[str, int] = {
     "lseek": 8, "fstat": 5,                 # file objects on already-open fds (and SEEK_DATA
                                             # over the RAM memfd for a snapshot)
     "fsync": 74,                            # a sealed snapshot on its attached fd is durable
-    "pwrite64": 18,                         # writing it at known offsets from two threads
+    # A sealed snapshot written at known offsets from two threads; the sealed disk: the
+    # core reads and writes the disk file the host attached (an fd it already holds, no
+    # path) and makes a FLUSH durable (fdatasync) before acknowledging it.
+    "pwrite64": 18, "pread64": 17, "fdatasync": 75,
     # glibc's fstat (AT_EMPTY_PATH); with a path it only reads metadata, and os.stat is
     # what linecache uses before printing a traceback.
     "newfstatat": 262,

@@ -35,6 +35,7 @@ DEFENCES: tuple[str, ...] = (
     "mlock",          # lock_memory / lock_all_memory
     "dont_dump",      # madvise(MADV_DONTDUMP)
     "seccomp",        # install_core_filter
+    "disk_integrity", # sealed disk reads checked against tag, position, version, tree
 )
 ENV_DISABLE = "SEALVM_INSECURE_TEST_DISABLE"
 ENV_TEST_MODE = "SEALVM_TEST_MODE"
@@ -83,6 +84,31 @@ def disabled(defence: str) -> bool:
         _shout(f"INSECURE TEST MODE: skipping defence {defence!r}")
         return True
     return False
+
+
+ENV_DISK_KEY = "SEALVM_TEST_DISK_KEY"
+
+
+def test_disk_key(environ: dict[str, str] | os._Environ = os.environ) -> bytes | None:
+    """A disk key given in the environment (64 hex digits): honoured only in test mode.
+
+    An unattested core has no owner to release its disk key; tests hand one in here.
+    Outside SEALVM_TEST_MODE=1 the variable is ignored (and that is said loudly).
+    """
+    raw = environ.get(ENV_DISK_KEY, "")
+    if not raw:
+        return None
+    if environ.get(ENV_TEST_MODE) != "1":
+        _shout(f"IGNORING {ENV_DISK_KEY}: honoured only with {ENV_TEST_MODE}=1")
+        return None
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise SandboxError(0, f"{ENV_DISK_KEY} must be 64 hex digits")
+    _shout("INSECURE TEST MODE: the disk key comes from the environment, not from the owner")
+    return key
 
 
 def disabled_defences() -> frozenset[str]:

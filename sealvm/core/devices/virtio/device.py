@@ -43,8 +43,9 @@ class LogLimiter:
     """
 
     def __init__(self, burst: int = 16, rate: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, sink: Callable[..., None] | None = None):
         self._burst, self._rate, self._clock = burst, rate, clock
+        self._sink = sink or log.log
         self._tokens = float(burst)
         self._last = clock()
         self.suppressed = 0
@@ -61,7 +62,7 @@ class LogLimiter:
             msg += " (%d similar lines suppressed)"
             args += (self.suppressed,)
             self.suppressed = 0
-        log.log(level, msg, *args)
+        self._sink(level, msg, *args)
 
 
 class DeviceBackendError(Exception):

@@ -1,0 +1,1 @@
+"""Host backends: store and move only sealed bytes; hold no keys."""

@@ -1,0 +1,229 @@
+"""Run sealvm on a real Linux guest inside an outer VM (QEMU TCG with emulated SVM).
+
+This machine's KVM cannot run an unmodified Linux kernel, but QEMU's software
+CPU (`-cpu max`) emulates AMD SVM: a Debian cloud kernel in the outer VM loads
+kvm_amd, and sealvm runs there on a real /dev/kvm.
+
+    image = outer_image()                  # cached, keyed on its inputs (~1.5 min cold)
+    job = Job(image)                       # what the outer VM runs
+    job.add_guest_initrd("hello.cpio.gz", HELLO_INIT)
+    job.script = "sealvm run --kernel vmlinuz --initrd hello.cpio.gz"
+    out = job.run(timeout=300)             # the outer console; run.sh's status in out.rc
+
+Inside, the job directory is /job: sealvm's source (with checked bytecode),
+`sealvm` on PATH, the guest kernel as /job/vmlinuz and whatever was added.
+"""
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "nested-image.sh"
+CACHE = Path(os.environ.get("SEALVM_CACHE", "/var/cache/sealvm"))
+DEFAULT_KERNEL_PACKAGE = "linux-image-6.1.0-56-cloud-amd64"
+GUEST_MODULES = ("kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio.ko",
+                 "kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/char/hw_random/virtio-rng.ko")
+
+# /init of the guest: load the virtio modules (virtio_mmio finds its devices in
+# the ACPI tables), read the virtio-rng device, print a marker, power off.
+HELLO_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+UP=$(cut -d' ' -f1 /proc/uptime)
+echo "GUEST-INIT uptime=$UP"
+insmod /lib/virtio_ring.ko && insmod /lib/virtio.ko && insmod /lib/virtio_mmio.ko \
+    && insmod /lib/virtio-rng.ko || echo "GUEST-ERROR insmod failed"
+for i in $(seq 50); do [ -c /dev/hwrng ] && break; sleep 0.1; done
+RNG=$(od -An -tx1 -N16 /dev/hwrng | tr -d ' \n')
+echo "GUEST-MARKER cpus=$(nproc) online=$(cat /sys/devices/system/cpu/online) rng=$RNG source=$(cat /sys/class/misc/hw_random/rng_current) kernel=$(uname -r)"
+poweroff -f
+"""
+
+# /init that dies: the kernel panics ("Attempted to kill init!").
+PANIC_INIT = r"""#!/bin/busybox sh
+echo "GUEST-PANIC-NEXT"
+exit 3
+"""
+
+
+def kernel_package() -> str:
+    """The cloud kernel package the Debian metapackage points at (this machine's apt lists)."""
+    try:
+        out = subprocess.run(["apt-cache", "depends", "linux-image-cloud-amd64"], text=True,
+                             capture_output=True, timeout=60).stdout
+        m = re.search(r"Depends: (linux-image-[0-9][^\s]*-cloud-amd64)", out)
+        if m:
+            return m.group(1)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return DEFAULT_KERNEL_PACKAGE
+
+
+def debian_kernel(package: str | None = None) -> Path:
+    """The cloud kernel's bzImage alone (apt-get download, cached per package)."""
+    package = package or kernel_package()
+    out = CACHE / f"kernel-{package}" / "vmlinuz"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        subprocess.run(["apt-get", "download", "-q", package], cwd=tmp, check=True,
+                       capture_output=True)
+        deb = next(Path(tmp).glob("*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True)
+        kv = package[len("linux-image-"):]
+        shutil.copy(f"{tmp}/x/boot/vmlinuz-{kv}", f"{out}.tmp")
+        os.chmod(f"{out}.tmp", 0o644)
+        os.replace(f"{out}.tmp", out)
+    return out
+
+
+def outer_image(package: str | None = None) -> Path:
+    """The outer image directory, built once per (kernel package, build script)."""
+    package = package or kernel_package()
+    key = hashlib.sha256(package.encode() + b"\0" + SCRIPT.read_bytes()).hexdigest()[:16]
+    out = CACHE / f"nested-{key}"
+    if (out / "kernel-version").exists():
+        return out
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"nested-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)           # one build at a time; others wait for it
+        if not (out / "kernel-version").exists():
+            print(f"building the outer image for the nested Linux tests in {out} (~1.5 min)",
+                  flush=True)
+            subprocess.run([str(SCRIPT), package, str(out)], check=True)
+    return out
+
+
+CONSOLE_NODE = (0o20600, b"", (5, 1))      # /dev/console: the kernel opens it for init
+
+
+def _cpio_newc(files: dict[str, tuple]) -> bytes:
+    """A newc cpio archive of {path: (mode, data[, (rdev major, minor)])}."""
+    out = io.BytesIO()
+    for ino, (name, entry) in enumerate(list(files.items()) + [("TRAILER!!!", (0, b""))], 1):
+        mode, data = entry[:2]
+        rdev = entry[2] if len(entry) > 2 else (0, 0)
+        raw = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(raw), 0)
+        out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
+        out.write(b"\0" * (-(110 + len(raw)) % 4) + data + b"\0" * (-len(data) % 4))
+    return out.getvalue()
+
+
+def guest_initrd(image: Path, init: str) -> bytes:
+    """A gzip'd initramfs: static busybox, the guest's virtio modules and `init`."""
+    kv = (image / "kernel-version").read_text().strip()
+    mods = image / "modules" / kv
+    files: dict[str, tuple[int, bytes]] = {d: (0o40755, b"") for d in
+                                           ("bin", "dev", "proc", "sys", "lib")}
+    files["dev/console"] = CONSOLE_NODE
+    files["bin/busybox"] = (0o100755, Path("/bin/busybox").read_bytes())
+    for rel in GUEST_MODULES:
+        files[f"lib/{Path(rel).name}"] = (0o100644, (mods / rel).read_bytes())
+    files["init"] = (0o100755, init.encode())
+    return gzip.compress(_cpio_newc(files), compresslevel=1, mtime=0)
+
+
+@dataclass
+class Outcome:
+    rc: int | None          # run.sh's status (None: the outer VM never reported one)
+    console: str            # everything the outer VM printed
+
+    def section(self, name: str) -> tuple[int | None, str]:
+        """(status, output) of one `scenario NAME ...` step of run.sh."""
+        m = re.search(rf"=== BEGIN {re.escape(name)}\n(.*?)=== END {re.escape(name)} rc=(\d+)",
+                      self.console, re.S)
+        return (int(m.group(2)), m.group(1)) if m else (None, "")
+
+
+RUN_SH_HEAD = """#!/bin/sh
+export PATH=/job/bin:$PATH PYTHONDONTWRITEBYTECODE=1
+scenario() {  # NAME COMMAND...: run it, bracket its output and status for the test
+    name=$1; shift
+    echo "=== BEGIN $name"
+    "$@" 2>&1
+    echo "=== END $name rc=$?"
+}
+"""
+
+
+class Job:
+    """The files and script one outer-VM run carries (a raw tar on its second disk)."""
+
+    def __init__(self, image: Path):
+        self.image = image
+        self.files: dict[str, bytes] = {}
+        self.script = ""
+
+    def add(self, name: str, data: bytes) -> None:
+        self.files[name] = data
+
+    def _tar(self, path: Path) -> None:
+        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+            def add_bytes(name: str, data: bytes, mode: int = 0o644) -> None:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), mode
+                tar.addfile(info, io.BytesIO(data))
+            src = ROOT / "sealvm"
+            for p in sorted(src.rglob("*")):
+                if p.is_file() and (p.suffix == ".py" or p.suffix == ".pyc"):
+                    add_bytes(f"src/{p.relative_to(ROOT)}", p.read_bytes())
+            add_bytes("bin/sealvm", b"#!/bin/sh\nPYTHONPATH=/job/src exec python3 -m sealvm.cli "
+                      b"\"$@\"\n", 0o755)
+            add_bytes("vmlinuz", (self.image / "vmlinuz").read_bytes())
+            for name, data in self.files.items():
+                add_bytes(name, data, 0o755 if name.endswith((".sh", ".py")) else 0o644)
+            add_bytes("run.sh", (RUN_SH_HEAD + self.script).encode(), 0o755)
+
+    def run(self, timeout: float = 600, memory: str = "2048", smp: int = 1) -> Outcome:
+        """Boot the outer VM on this job; return its console and run.sh's status."""
+        subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "compileall", "-q",
+                        "--invalidation-mode", "checked-hash", str(ROOT / "sealvm")], check=True)
+        tmp = Path(tempfile.mkdtemp(prefix="sealvm-nested-", dir="/tmp"))
+        try:
+            tar = tmp / "job.tar"
+            self._tar(tar)
+            cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", memory,
+                   "-smp", str(smp), "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+                   "-kernel", str(self.image / "vmlinuz"),
+                   "-initrd", str(self.image / "stage1.cpio.gz"),
+                   "-drive", f"file={self.image / 'rootfs.ext4'},if=virtio,format=raw,snapshot=on",
+                   "-drive", f"file={tar},if=virtio,format=raw,readonly=on",
+                   "-append", "console=ttyS0 panic=-1 quiet"]
+            try:
+                p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                                   timeout=timeout)
+                console = p.stdout.decode(errors="replace").replace("\r\n", "\n")
+            except subprocess.TimeoutExpired as e:
+                console = (e.stdout or b"").decode(errors="replace").replace("\r\n", "\n")
+                console += f"\n[outer VM killed after {timeout} s]\n"
+            m = re.search(r"L1-RESULT rc=(\d+)", console)
+            return Outcome(int(m.group(1)) if m else None, console)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def have_kvm() -> bool:
+    return os.path.exists("/dev/kvm")
+
+
+def have_host_virt() -> bool:
+    """Whether this machine's CPU offers VMX or SVM itself (then Linux runs without nesting)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.M))
