@@ -27,7 +27,7 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt | $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing Python packages into $(VENV) (log: $(STAMPS)/pip.log)"
 	@( $(PY) -m pip install --disable-pip-version-check --upgrade pip && \
-	   $(PY) -m pip install --disable-pip-version-check -e '.[dev,tpm]' ) > $(STAMPS)/pip.log 2>&1 \
+	   $(PY) -m pip install --disable-pip-version-check -e '.[dev,tpm,fleet]' ) > $(STAMPS)/pip.log 2>&1 \
 	   || { tail -40 $(STAMPS)/pip.log; exit 1; }
 	@touch $@
 

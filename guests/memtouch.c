@@ -16,6 +16,8 @@
  *   secs=S     steady-phase run time in seconds (default 10; 0 = no limit)
  *   passes=K   also stop after K sweeps of page writes over the region
  *   tsc_hz=F   TSC frequency (default 2596000000), the check period
+ *   idle=1     with rate>0, wait for the next due write on the idle doorbell
+ *              instead of spinning, so a slow-paced guest costs little host CPU
  *
  * Output:
  *   memtouch base=0x.. mib=M rate=P secs=S passes=K
@@ -70,6 +72,7 @@ struct state {
     u64 next_due;       /* TSC of the next due write (rate > 0) */
     u64 step, step_rem, rem;  /* tsc_hz / rate as quotient and remainder */
     u64 write_limit;    /* stop after this many writes (0 = none) */
+    u64 idle;           /* wait for the next due write on the idle doorbell */
 };
 
 static inline void stamp(u64 now)
@@ -99,7 +102,13 @@ static HOT void steady_run(struct state *s, u64 until)
         if ((s64)(now - until) >= 0)
             return;
         if (s->rate && (s64)(now - s->next_due) < 0) {
-            cpu_relax();
+            if (s->idle) {
+                u64 wake = (s64)(until - s->next_due) < 0 ? until : s->next_due;
+                u64 usecs = (wake - now) / (boot.tsc_hz / 1000000 ? boot.tsc_hz / 1000000 : 1);
+                idle_wait(usecs ? (u32)usecs : 1);
+            } else {
+                cpu_relax();
+            }
             continue;
         }
         u64 *w = page_word(s, s->cursor);
@@ -185,6 +194,7 @@ int main(void)
         .pages = (mib << 20) / PAGE_SIZE,
         .rate = rate,
         .write_limit = passes * ((mib << 20) / PAGE_SIZE),
+        .idle = param_u64("idle", 0),
     };
     progress.base = base;
     progress.pages = s.pages;

@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_owner_parser(sub)
     from .owner.disk import add_parser as add_disk_parser
     add_disk_parser(sub)
+    from .fleet.cli import add_parser as add_fleet_parser
+    add_fleet_parser(sub)
     sub.add_parser("measure", help="print this host's root key and core measurement (for the "
                                    "owner's policy)",
                    description="Measure the core as the launcher does before every VM and print "
@@ -222,6 +224,9 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "vm":
         from .host.cli_vm import run as run_vm_command
         return run_vm_command(args)
+    if args.command == "fleet":
+        from .fleet.cli import run as run_fleet
+        return run_fleet(args)
     return 2
 
 
