@@ -40,6 +40,8 @@ def test_restored_vm_continues_where_it_stopped(world):
     m = wait_for(w, "snap-a2", r"memtouch t=(\d+) writes=(\d+) sum=0x[0-9a-f]+ (ok|MISMATCH)")
     text = console(w, "snap-a2")
     assert "memtouch base=" not in text, "the guest started afresh instead of continuing"
+    again = snapshot(w, "snap-a2", snap_dir(w) / "a2.svs")     # a restored core seals again
+    assert again["generation"] == s["generation"] + 2
     assert "MISMATCH" not in text and m.group(3) == "ok"
     first_t = int(re.search(r"memtouch t=(\d+) ", text).group(1))
     assert 2 <= first_t <= t_at + 1, (first_t, t_at)

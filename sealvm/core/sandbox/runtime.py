@@ -21,7 +21,8 @@ a new module opens files and is killed.
 glibc opens one file on its own: the first time a thread's malloc arena gives
 memory back (shrink_heap) it reads /proc/sys/vm/overcommit_memory, once per
 process.  Large buffers freed on a worker thread (a snapshot's chunks) do that;
-`_settle_malloc` makes it happen now, before the filter.
+`_settle_malloc` raises the trim threshold so thread heaps are never shrunk (the
+memory stays with the process for its next use) and makes the read happen now.
 """
 from __future__ import annotations
 
@@ -71,8 +72,16 @@ def prime_source_cache() -> int:
     return count
 
 
+M_TRIM_THRESHOLD = -1
+
+
 def _settle_malloc() -> None:
-    """Grow and free a thread arena's heap, so glibc reads its one file now."""
+    """Keep glibc from shrinking thread heaps (the path that reads the file) and read it
+    now anyway: a fixed trim threshold also stops the dynamic one from moving back."""
+    import ctypes
+    # SAFETY: mallopt(int, int) of this process's own libc.
+    ctypes.CDLL(None).mallopt(ctypes.c_int(M_TRIM_THRESHOLD), ctypes.c_int(1 << 30))
+
     def churn() -> None:
         blocks = [bytearray(4000) for _ in range(2000)]      # above pymalloc's 512 bytes
         del blocks
