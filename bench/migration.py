@@ -44,7 +44,9 @@ def cmdline(size: int, rate_pages: int) -> str:
 
 def downtime_ms(console: str, hz: float) -> float | None:
     done = C.find_line(console, "memtouch done")
-    return C.to_int(done["gap_max_cycles"]) / hz * 1e3 if done else None
+    if not done or "gap_max_cycles" not in done:
+        return None
+    return C.to_int(done["gap_max_cycles"]) / hz * 1e3
 
 
 def sealvm_run(a: Hostd, b: Hostd, owner: Owner, elf: Path, size: int, mbps: int,
@@ -69,6 +71,7 @@ def sealvm_run(a: Hostd, b: Hostd, owner: Owner, elf: Path, size: int, mbps: int
     total = time.perf_counter() - t
     a.http.post(f"/v1/vms/{vm}/migrate/finish", json={"taken_over": state == "running"})
     wait_console(b, vm, "memtouch done", timeout=120)
+    time.sleep(0.3)                      # the rest of that line
     console = b.http.get(f"/v1/vms/{vm}/console").text
     b.http.delete(f"/v1/vms/{vm}")
     a.http.delete(f"/v1/vms/{vm}")
