@@ -270,17 +270,13 @@ class VmService:
             if receipt:
                 self._need(CONFIGURED)
                 return self._commit(self._snapshot_key(), receipt)
-            self._need(EMPTY)
-            manifest, att = self.blobs.get(3), self.attestation
-            if manifest is None or len(manifest[0]) != manifest[1] or att is None:
-                raise Refused("WRONG_STATE", "a restore needs an attested core and the owner's "
-                                             "manifest (LOAD_IMAGE kind 3)")
+            manifest, att = self._taker_manifest("a restore"), self.attestation
             from . import snapshot as S
             fd = self.take_attached(AttachKind.SNAPSHOT, 0)
             try:
                 reader = S.Reader(fd)
                 h = reader.header
-                att.configure(bytes(manifest[0]), None, "", 0, 0, "", [],
+                att.configure(manifest, None, "", 0, 0, "", [],
                               restore={"generation": h.generation, "set": h.set_id})
                 att.release()
                 self._emit("LOG", {"level": 20, "message": clip("attestation: " + att.result)})
@@ -295,6 +291,16 @@ class VmService:
             self.state = CONFIGURED
             return dict(ticket=self._new_ticket(att.keys["snapshot"], os.urandom(16)),
                         generation=att.generation + 1, bytes=reader.size)
+
+    def _taker_manifest(self, who: str) -> bytes:
+        """The owner's manifest, for a core that takes over a VM (restore, migration):
+        it must be EMPTY, attested, and hold the whole manifest."""
+        self._need(EMPTY)
+        manifest = self.blobs.get(3)
+        if manifest is None or len(manifest[0]) != manifest[1] or self.attestation is None:
+            raise Refused("WRONG_STATE", f"{who} needs an attested core and the owner's "
+                                         "manifest (LOAD_IMAGE kind 3)")
+        return bytes(manifest[0])
 
     def _restored(self, config: dict, state: dict, memory=None) -> Machine:
         from .vmstate import Restore
@@ -350,15 +356,10 @@ class VmService:
             if receipt:
                 self._need(CONFIGURED)
                 return self._commit(self._snapshot_key(), receipt)
-            self._need(EMPTY)
-            manifest, att = self.blobs.get(3), self.attestation
-            if manifest is None or len(manifest[0]) != manifest[1] or att is None:
-                raise Refused("WRONG_STATE", "a migration target needs an attested core and "
-                                             "the owner's manifest (LOAD_IMAGE kind 3)")
+            manifest, att = self._taker_manifest("a migration target"), self.attestation
 
             def attest(vm: str, generation: int) -> bytes:
-                att.configure(bytes(manifest[0]), None, "", 0, 0, "", [],
-                              migrate_from=generation)
+                att.configure(manifest, None, "", 0, 0, "", [], migrate_from=generation)
                 if att.manifest["name"] != vm:
                     raise MG.MigrationError(f"the stream carries VM {vm!r}, not "
                                             f"{att.manifest['name']!r}")

@@ -188,21 +188,6 @@ class Reader:
         self.pos += got
         return view[:got]
 
-    def records(self, op: SL.Opener) -> Iterator[memoryview]:
-        """The chunk records after the header is opened; returns after the manifest."""
-        head = SL.read_record(self.read, MAX_HEADER)
-        if head is None:
-            raise SL.TruncatedError("empty set: no header")
-        op.open_header(head)
-        while True:
-            rec = SL.read_record(self.read, CHUNK_OVERHEAD + op.chunk_size)
-            if rec is None:
-                raise SL.TruncatedError("the snapshot ends without its manifest")
-            if bytes(rec[:4]) == MANIFEST_MAGIC:
-                op.finish(rec)
-                return
-            yield rec
-
 
 def load(reader: Reader, key: bytes, vm: str, generation: int,
          build: Callable[[dict, dict], object], progress: Progress):
@@ -228,7 +213,7 @@ def load(reader: Reader, key: bytes, vm: str, generation: int,
 def build_from(reader: Reader, key: bytes, vm: str, generation: int,
                build: Callable[[dict, dict], object], progress: Progress, built: list):
     op = SL.Opener(key, vm, generation, PURPOSE, exact=True)
-    recs = reader.records(op)
+    recs = SL.chunk_records(op, reader.read)
     first = next(recs, None)
     kind, meta = op.open_chunk(first)[1:] if first is not None else (None, b"")
     if kind != ChunkKind.METADATA:

@@ -29,7 +29,8 @@ from sealvm.wire.sealed_layout import (
 
 __all__ = [
     "AlteredError", "ChunkKind", "ExtraError", "ForeignError", "MalformedError", "Opener",
-    "ReorderedError", "ReplayedError", "SealError", "Sealer", "TruncatedError", "open_records",
+    "ReorderedError", "ReplayedError", "SealError", "Sealer", "TruncatedError", "chunk_records",
+    "open_records",
     "open_set", "read_record", "seal_set",
 ]
 
@@ -300,10 +301,11 @@ def read_record(read: Callable[[int], bytes | memoryview], cap: int
     return rec
 
 
-def open_records(op: Opener, read: Callable[[int], bytes | memoryview]
-                 ) -> Iterator[tuple[ChunkKind, bytes]]:
-    """Stream a framed set: yields (kind, payload) per authenticated chunk and returns
-    after the manifest checked out.  The caller checks nothing follows the manifest."""
+def chunk_records(op: Opener, read: Callable[[int], bytes | memoryview]
+                  ) -> Iterator[bytes | memoryview]:
+    """Stream a framed set: opens its header, yields each chunk record still sealed (the
+    caller opens it, with `open_chunk` or `open_chunk_into`), and returns after the
+    manifest checked out.  The caller checks nothing follows the manifest."""
     head = read_record(read, MAX_HEADER)
     if head is None:
         raise TruncatedError("empty set: no header")
@@ -319,9 +321,15 @@ def open_records(op: Opener, read: Callable[[int], bytes | memoryview]
             return
         if magic != CHUNK_MAGIC:
             raise MalformedError(f"record at position {n} is neither chunk nor manifest")
-        _, kind, payload = op.open_chunk(rec)
         n += 1
-        yield kind, payload
+        yield rec
+
+
+def open_records(op: Opener, read: Callable[[int], bytes | memoryview]
+                 ) -> Iterator[tuple[ChunkKind, bytes]]:
+    """`chunk_records`, each opened: (kind, payload) per authenticated chunk."""
+    for rec in chunk_records(op, read):
+        yield op.open_chunk(rec)[1:]
 
 
 def open_set(key: bytes, vm_id: bytes | str, generation: int, purpose: bytes | str,
