@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_kvm
+from tests.conftest import guest_image, needs_kvm
 from tests.security.owner_world import (MEMTOUCH, create, console, generation, host_b,  # noqa: F401
                                         join, read_guest_secret, records, restore, snap_dir,
                                         snapshot, wait_for, world)
@@ -233,3 +233,42 @@ def test_vm_with_a_sealed_disk_restores_and_reads_back_what_it_wrote(world):
     assert "blkbench seqread" in console(w, "dsk-b")
     assert "blkbench seqwrite" not in console(w, "dsk-b")     # it went on, not started over
     w["hostd"].api().delete("/v1/vms/dsk-b")
+
+
+def test_vm_with_a_sealed_network_restores_and_echoes_again(world):
+    """netecho answers a UDP datagram through the tunnel to the owner's gateway (played by
+    the test with the owner's net key); snapshot, restore into a new core: the core makes
+    a fresh tunnel session and the guest's driver, in the middle of its loop, echoes again."""
+    from tests.e2e.test_net_daemon import LoopbackGateway, udp_frame
+    from sealvm.wire import attest as A
+    w = world
+    keys = A.parse_vm_keys((w["owner"] / "vms" / "netvm" / "keys.json").read_bytes())
+    gw = LoopbackGateway(keys["net"])
+
+    def echoes(tag: bytes) -> bool:
+        end = time.monotonic() + 20
+        while gw.tunnel.current is None:              # handshake from the (new) core
+            assert time.monotonic() < end, "no handshake from the core"
+            for _ in gw.frames(0.2):
+                pass
+        for _ in range(20):
+            gw.send(udp_frame(tag))
+            if any(f.endswith(tag) for f in gw.frames(0.5)):
+                return True
+        return False
+
+    r = w["hostd"].api().post("/v1/vms", json=dict(
+        image=str(guest_image("netecho")), name="net-a", memory_mib=64, cmdline="secs=0",
+        start=True, manifest=str(w["public"] / "vms" / "netvm"), broker=w["url"],
+        net=f"127.0.0.1:{gw.port}"))
+    assert r.status_code == 201, r.text
+    assert echoes(b"before the snapshot")
+    s = snapshot(w, "net-a", snap_dir(w) / "n.svs")
+    w["hostd"].api().delete("/v1/vms/net-a")
+    gw.tunnel = type(gw.tunnel)(keys["net"], initiator=False)    # the gateway sees a new peer
+    r = w["hostd"].api().post("/v1/restore", json=dict(
+        snapshot=str(s["path"]), name="net-b", manifest=str(w["public"] / "vms" / "netvm"),
+        broker=w["url"], start=True, net=f"127.0.0.1:{gw.port}"))
+    assert r.status_code == 201, r.text
+    assert echoes(b"after the restore"), console(w, "net-b")
+    w["hostd"].api().delete("/v1/vms/net-b")

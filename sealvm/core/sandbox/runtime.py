@@ -18,11 +18,13 @@ logged exception would turn into a SIGSYS death and lose its message.
 Everything the core runs afterwards must already be imported: an `import` of
 a new module opens files and is killed.
 
-glibc opens one file on its own: the first time a thread's malloc arena gives
-memory back (shrink_heap) it reads /proc/sys/vm/overcommit_memory, once per
-process.  Large buffers freed on a worker thread (a snapshot's chunks) do that;
+glibc opens files on its own twice: the first time a thread's malloc arena
+gives memory back (shrink_heap) it reads /proc/sys/vm/overcommit_memory, and
+when a process's ninth arena is made (a core with a network device has that many
+threads) it reads /sys/devices/system/cpu/online to size the arena limit.
 `_settle_malloc` raises the trim threshold so thread heaps are never shrunk (the
-memory stays with the process for its next use) and makes the read happen now.
+memory stays with the process for its next use), makes the first read happen
+now, and fixes the arena limit so the second never happens.
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def prime_source_cache() -> int:
 
 
 M_TRIM_THRESHOLD = -1
+M_ARENA_MAX = -8
+ARENA_MAX = 8      # glibc's own limit at one CPU; threads beyond it share arenas
 
 
 def _settle_malloc() -> None:
@@ -80,7 +84,9 @@ def _settle_malloc() -> None:
     now anyway: a fixed trim threshold also stops the dynamic one from moving back."""
     import ctypes
     # SAFETY: mallopt(int, int) of this process's own libc.
-    ctypes.CDLL(None).mallopt(ctypes.c_int(M_TRIM_THRESHOLD), ctypes.c_int(1 << 30))
+    libc = ctypes.CDLL(None)
+    libc.mallopt(ctypes.c_int(M_TRIM_THRESHOLD), ctypes.c_int(1 << 30))
+    libc.mallopt(ctypes.c_int(M_ARENA_MAX), ctypes.c_int(ARENA_MAX))
 
     def churn() -> None:
         blocks = [bytearray(4000) for _ in range(2000)]      # above pymalloc's 512 bytes
