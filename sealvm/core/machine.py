@@ -7,6 +7,7 @@ threads; `wait()` returns the guest's exit status.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -260,6 +261,15 @@ class Machine:
             self.blk.disk.flush()
         except (OSError, ValueError) as e:
             self.config.disk_report(f"disk: final commit failed: {e}")
+
+    @contextlib.contextmanager
+    def devices_held(self):
+        """Every virtio transport's lock held: no device touches guest RAM or its queues
+        (the network's receive path included) while a paused machine is captured."""
+        with contextlib.ExitStack() as held:
+            for slot in self.virtio:
+                held.enter_context(slot.transport._lock)
+            yield
 
     def capture_state(self) -> dict:
         """vmstate.capture_vm: the state of this paused machine (refused while running)."""

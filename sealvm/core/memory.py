@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 from .addr import GPA, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE, HostOffset, MIN_MEMORY
@@ -65,6 +66,8 @@ class GuestMemory:
         self.regions = regions
         self.fd = fd
         self.size = sum(r.size for r in regions)
+        self._written: set[int] | None = None      # pages the core wrote (track_writes)
+        self._written_lock = threading.Lock()
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -158,14 +161,39 @@ class GuestMemory:
         off = self.translate(gpa, length)
         return self._view[off:off + length]
 
+    def writable_view(self, gpa: int, length: int) -> memoryview:
+        """A view the caller writes into (counted by `track_writes`)."""
+        off = self.translate(gpa, length)
+        if self._written is not None:
+            self._mark(off, length)
+        return self._view[off:off + length]
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 
     def write(self, gpa: int, data) -> None:
-        self.view(gpa, len(data))[:] = data
+        self.writable_view(gpa, len(data))[:] = data
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
-        self.view(gpa, length)[:] = bytes([byte]) * length
+        self.writable_view(gpa, length)[:] = bytes([byte]) * length
+
+    # ---- pages the core writes ------------------------------------------
+    # KVM's dirty log sees only the guest's own stores; a live migration also needs the
+    # pages the devices write (buffers, used rings, status bytes), recorded here.
+    def track_writes(self, on: bool) -> None:
+        with self._written_lock:
+            self._written = set() if on else None
+
+    def take_written(self) -> set[int]:
+        """Memfd page numbers written through this object since the last call."""
+        with self._written_lock:
+            taken, self._written = self._written or set(), set() if self._written is not None else None
+        return taken
+
+    def _mark(self, off: int, length: int) -> None:
+        with self._written_lock:
+            if self._written is not None:
+                self._written.update(range(off >> 12, (off + max(length, 1) - 1 >> 12) + 1))
 
     def read_u16(self, gpa: int) -> int:
         return struct.unpack_from("<H", self._view, self.translate(gpa, 2))[0]
@@ -177,10 +205,19 @@ class GuestMemory:
         return struct.unpack_from("<Q", self._view, self.translate(gpa, 8))[0]
 
     def write_u16(self, gpa: int, value: int) -> None:
-        struct.pack_into("<H", self._view, self.translate(gpa, 2), value)
+        off = self.translate(gpa, 2)
+        if self._written is not None:
+            self._mark(off, 2)
+        struct.pack_into("<H", self._view, off, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
-        struct.pack_into("<I", self._view, self.translate(gpa, 4), value)
+        off = self.translate(gpa, 4)
+        if self._written is not None:
+            self._mark(off, 4)
+        struct.pack_into("<I", self._view, off, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        struct.pack_into("<Q", self._view, self.translate(gpa, 8), value)
+        off = self.translate(gpa, 8)
+        if self._written is not None:
+            self._mark(off, 8)
+        struct.pack_into("<Q", self._view, off, value)

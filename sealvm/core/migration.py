@@ -161,15 +161,20 @@ class Source:
             self.report["pages"] += n // PAGE
 
     def _dirty(self, log) -> list[tuple[int, int]]:
-        """Memfd (start, end) runs of the pages dirtied since the last call."""
+        """Memfd (start, end) runs of the pages dirtied since the last call: by the guest
+        (KVM's log) and by the devices (which KVM's log does not see)."""
+        mem = self.machine.memory
+        pages = mem.take_written()
+        for slot, r in enumerate(mem.regions):
+            first = int(r.offset) // PAGE
+            pages.update(first + p for p in KS.dirty_pages(log.get_dirty_log(slot)))
         runs: list[tuple[int, int]] = []
-        for slot, r in enumerate(self.machine.memory.regions):
-            for page in KS.dirty_pages(log.get_dirty_log(slot)):
-                off = int(r.offset) + page * PAGE
-                if runs and runs[-1][1] == off:
-                    runs[-1] = (runs[-1][0], off + PAGE)
-                else:
-                    runs.append((off, off + PAGE))
+        for page in sorted(pages):
+            off = page * PAGE
+            if runs and runs[-1][1] == off:
+                runs[-1] = (runs[-1][0], off + PAGE)
+            else:
+                runs.append((off, off + PAGE))
         return runs
 
     def run(self) -> dict:
@@ -182,6 +187,7 @@ class Source:
                                        base + int(r.offset))
             log.get_dirty_log(slot)
         ram = memoryview(mem.buffer)
+        mem.track_writes(True)
         throttle = _Throttle(m)
         try:
             todo = list(SN.populated(mem.fd, mem.size))
@@ -201,17 +207,28 @@ class Source:
                 if dirty / elapsed > 0.5 * rate:     # not converging: slow the guest down
                     throttle.share = min(0.95, throttle.share + 0.2)
                     self.report["throttle"] = throttle.share
+        except BaseException:
+            mem.track_writes(False)
+            raise
         finally:
             throttle.close()
         m.pause()
         self.report["stop_pages"] = 0
         t_stop = time.monotonic()
-        for start, end in self._dirty(log) + todo:
-            self._send_run(sealer, ram, start, end)
-            self.report["stop_pages"] += (end - start) // PAGE
+        with m.devices_held():      # requests in flight finish, then no device writes RAM
+            try:
+                state = vmstate.to_bytes(vmstate.capture_vm(m))
+                disk = m.blk.disk if m.blk is not None else None
+                if disk is not None:    # every acknowledged write committed, for the target
+                    disk.flush()
+                for start, end in self._dirty(log) + todo:
+                    self._send_run(sealer, ram, start, end)
+                    self.report["stop_pages"] += (end - start) // PAGE
+            finally:
+                mem.track_writes(False)
         ram.release()
-        state = vmstate.to_bytes(vmstate.capture_vm(m))
         meta = _canon({"config": self.config, "state": state.decode(),
+                       "disk_generation": disk.generation if disk is not None else 0,
                        "wall_ns": time.time_ns(), "tsc_khz": ioctl(m.vcpus[0].fd.fd, KVM_GET_TSC_KHZ)})
         k = sealer.seal_chunk_into(ChunkKind.METADATA, meta, self.buf)
         self.report["bytes"] += self.wire.send(memoryview(self.buf)[:k])
@@ -225,10 +242,11 @@ class Source:
 # ---- target ------------------------------------------------------------------------------
 def receive(sock: socket.socket, attest: Callable[[str, int], bytes],
             memory_for: Callable[[], object], build: Callable[[dict, dict, object], object],
-            progress: Progress) -> tuple[object, int]:
+            progress: Progress) -> tuple[object, int, int]:
     """Take a migrating VM: `attest(vm, G)` returns the snapshot key (after the broker
     released it for generation G), `memory_for()` the new VM's RAM, `build(config, state,
-    memory)` the machine.  Returns (machine, generation G) once the manifest checked out."""
+    memory)` the machine.  Returns (machine, generation G, the disk's committed generation at
+    the stop) once the manifest checked out."""
     wire = Wire(sock)
     rec = wire.recv(MAX_HELLO)
     hello, mac = rec[:-32], rec[-32:]
@@ -271,4 +289,4 @@ def receive(sock: socket.socket, attest: Callable[[str, int], bytes],
     for rec in state["vcpus"]:
         rec["msrs"] = [[i, (v + gap) % (1 << 64) if i == vmstate.MSR_IA32_TSC else v]
                        for i, v in rec["msrs"]]
-    return build(meta["config"], state, memory), generation
+    return build(meta["config"], state, memory), generation, int(meta.get("disk_generation", 0))

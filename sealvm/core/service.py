@@ -78,6 +78,7 @@ class VmService:
         self.attached: dict[tuple[int, int], int] = {}   # (AttachKind, index) -> fd
         self.config: dict | None = None       # what CONFIGURE (or a snapshot) set up
         self._ticket: bytes | None = None     # a sealed snapshot waiting for its receipt
+        self._disk_floor = 0                  # the disk generation a migration source committed
         self._progress_sent = 0
         self._migrated = False                # sent away: no resume without a receipt
         self.exit_status = -1
@@ -370,7 +371,7 @@ class VmService:
             try:
                 sock.settimeout(MIGRATION_TIMEOUT)
                 self._progress_sent = 0
-                self.machine, _ = MG.receive(
+                self.machine, _, self._disk_floor = MG.receive(
                     sock, attest, lambda: GuestMemory.create(att.manifest["memory_mib"] * MiB),
                     self._restored, self._progress)
             except (OSError, MG.MigrationError, SealError, AttestationFailed, ValueError,
@@ -442,7 +443,7 @@ class VmService:
             raise Refused("FAILED", "a disk is attached but there is no disk key (the owner "
                                     "releases it to an attested core)")
         try:
-            line = self.machine.open_disk(key)
+            line = self.machine.open_disk(key, self._disk_floor)
         except (DiskError, OSError) as e:
             self._emit("LOG", {"level": 40, "message": clip(f"disk refused: {e}")})
             raise Refused("FAILED", f"disk refused: {e}") from None

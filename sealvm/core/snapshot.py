@@ -120,6 +120,12 @@ def pieces(ranges: list) -> Iterator[tuple[int, int]]:
 def save(machine, fd: int, key: bytes, vm: str, generation: int, config: dict,
          progress: Progress) -> tuple[bytes, int]:
     """Seal the paused `machine` to `fd`; returns (set id, bytes written)."""
+    with machine.devices_held():
+        return _save(machine, fd, key, vm, generation, config, progress)
+
+
+def _save(machine, fd: int, key: bytes, vm: str, generation: int, config: dict,
+          progress: Progress) -> tuple[bytes, int]:
     state = vmstate.to_bytes(vmstate.capture_vm(machine))
     mem = machine.memory
     ranges = list(populated(mem.fd, mem.size))

@@ -24,6 +24,7 @@ from tests.security.harness import start_broker
 
 MEMTOUCH = "mib=8 secs=0 rate=2000"
 BLKBENCH = "tests=seqwrite,sleep,seqread sleep_ms=5000 qd=4 count=64 seed=7"
+DISK_LOAD = "tests=seqwrite,randwrite,seqread qd=8 count=40000 seed=11"
 
 
 def cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -42,6 +43,7 @@ def world():
     for name, guest, cmdline, devices in (("snap", "memtouch", MEMTOUCH, "rng"),
                                           ("secret", "canary", "mib=4 secs=600", "rng"),
                                           ("dsk", "blkbench", BLKBENCH, "blk,rng"),
+                                          ("dskload", "blkbench", DISK_LOAD, "blk,rng"),
                                           ("netvm", "netecho", "secs=0", "net,rng")):
         r = cli("owner", "sign", "--dir", str(owner), str(guest_image(guest)), "--name", name,
                 "--cmdline", cmdline, "--memory", "64", "--devices", devices)
@@ -50,7 +52,7 @@ def world():
     for kind, value in (("host", m["host_pub"]), ("core", m["core_measurement"])):
         assert cli("owner", "policy", "--dir", str(owner), "add", kind, value).returncode == 0
     public = base / "public"          # what the owner publishes: manifests and public keys
-    for name in ("snap", "secret", "dsk", "netvm"):
+    for name in ("snap", "secret", "dsk", "dskload", "netvm"):
         shutil.copytree(owner / "vms" / name, public / "vms" / name)
     shutil.copy(owner / "owner.pub.json", public / "owner.pub.json")
     for p in [public, *public.rglob("*")]:

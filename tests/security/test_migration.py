@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.conftest import needs_kvm
-from tests.security.owner_world import (MEMTOUCH, console, create, generation, host_b,  # noqa: F401
+from tests.conftest import guest_image, needs_kvm
+from tests.security.owner_world import (DISK_LOAD, MEMTOUCH, console, create, generation, host_b,  # noqa: F401
                                         read_guest_secret, wait_for, world)
 
 pytestmark = needs_kvm
@@ -281,41 +281,127 @@ def test_guest_secret_never_crosses_the_wire_in_the_clear(world, host_b):
     cleanup(w, b, "mig-s")
 
 
-def test_vm_with_a_sealed_disk_migrates_and_reads_back_what_it_wrote(world, host_b):
-    """blkbench writes its pattern and sleeps; it is migrated meanwhile (the disk file is
-    shared storage both hosts reach); on the target it reads every block back."""
+def test_vm_migrates_in_the_middle_of_random_disk_writes(world, host_b):
+    """blkbench is in the middle of 40,000 random 4 KiB writes at queue depth 8 to its
+    sealed disk (shared storage both hosts reach) when it is migrated: the requests in
+    flight are finished before the stop and the rest run on the target, whose final
+    sequential read checks every block against what was written."""
     import shutil
     import subprocess
     import sys
     from tests.conftest import ROOT, guest_image
-    from tests.security.owner_world import BLKBENCH
     w, b = world, host_b
     disk = w["base"] / "mig-dsk.img"
     r = subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", "4M", "-o",
-                        str(disk), "--owner", str(w["owner"]), "--vm", "dsk"], cwd=ROOT,
+                        str(disk), "--owner", str(w["owner"]), "--vm", "dskload"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     shutil.chown(disk, 63970, 63970)
+    manifest = str(w["public"] / "vms" / "dskload")
     r = w["hostd"].api().post("/v1/vms", json=dict(
-        image=str(guest_image("blkbench")), name="mdsk", memory_mib=64, cmdline=BLKBENCH,
-        start=True, manifest=str(w["public"] / "vms" / "dsk"), broker=b["url"],
-        disk=str(disk)))
+        image=str(guest_image("blkbench")), name="mdsk", memory_mib=64, cmdline=DISK_LOAD,
+        start=True, manifest=manifest, broker=b["url"], disk=str(disk)))
     assert r.status_code == 201, r.text
-    wait_for(w, "mdsk", "blkbench sleeping")
+    wait_for(w, "mdsk", "blkbench seqwrite", timeout=60)
     r = b["hostd"].api().post("/v1/incoming", json=dict(
-        name="mdsk", manifest=str(w["public"] / "vms" / "dsk"), broker=b["url"],
-        listen="10.201.0.2", disk=str(disk)))
+        name="mdsk", manifest=manifest, broker=b["url"], listen="10.201.0.2", disk=str(disk)))
     assert r.status_code == 201, r.text
     m = w["hostd"].api().post("/v1/vms/mdsk/migrate", json={"to": f"10.201.0.2:{r.json()['port']}"})
     assert m.status_code == 200, m.text
+    on_source = console(w, "mdsk")
+    assert "blkbench randwrite" not in on_source, "the writes ended before the migration"
     deadline = time.monotonic() + 30
     while b["hostd"].api().get("/v1/vms/mdsk").json()["state"] != "running":
         assert time.monotonic() < deadline, b["hostd"].api().get("/v1/vms/mdsk").json()
         time.sleep(0.05)
     w["hostd"].api().post("/v1/vms/mdsk/migrate/finish", json={"taken_over": True})
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while "blkbench done" not in (text := b["hostd"].api().get("/v1/vms/mdsk/console").text):
         assert time.monotonic() < deadline, text[-1000:]
-        time.sleep(0.1)
-    assert "blkbench done errors=0 mismatches=0" in text and "blkbench seqwrite" not in text
+        time.sleep(0.2)
+    assert "blkbench done errors=0 mismatches=0" in text, text[-1500:]
+    assert "blkbench randwrite" in text and "blkbench seqwrite" not in text
     cleanup(w, b, "mdsk")
+
+
+class EchoLoad:
+    """The owner's gateway under load: a UDP datagram to the guest's echo port every
+    2 ms through the tunnel, counting the echoes that come back and the sessions made."""
+
+    def __init__(self, key: bytes):
+        from sealvm.core.net_tunnel import Tunnel
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("10.201.0.1", 0))            # both hosts reach it
+        self.sock.settimeout(0.002)
+        self.port = self.sock.getsockname()[1]
+        self.tunnel, self.peer, self.sent, self.echoed = Tunnel(key, initiator=False), None, 0, []
+        self.peers: list = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from tests.e2e.test_net_daemon import udp_frame
+        while not self._stop.is_set():
+            if self.tunnel.current is not None and self.peer is not None:
+                self.sock.sendto(self.tunnel.seal(udp_frame(b"load %d" % self.sent)), self.peer)
+                self.sent += 1
+            try:
+                d, peer = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            frame, reply = self.tunnel.receive(d)
+            if reply is not None:                    # a handshake: maybe a new core
+                self.sock.sendto(reply, peer)
+                self.peer = peer
+                if peer not in self.peers:
+                    self.peers.append(peer)
+            if frame is not None:
+                self.peer = peer
+                if b"load " in frame[-16:]:
+                    self.echoed.append((time.monotonic(), peer))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_vm_migrates_while_echoing_a_udp_stream(world, host_b):
+    """netecho echoes a datagram every 2 ms through the sealed tunnel while it is migrated;
+    the target's core makes its own tunnel session with the owner's gateway and the
+    echoes go on from the new host."""
+    from sealvm.wire import attest as A
+    w, b = world, host_b
+    keys = A.parse_vm_keys((w["owner"] / "vms" / "netvm" / "keys.json").read_bytes())
+    load = EchoLoad(keys["net"])
+    manifest, gw = str(w["public"] / "vms" / "netvm"), f"10.201.0.1:{load.port}"
+    try:
+        r = w["hostd"].api().post("/v1/vms", json=dict(
+            image=str(guest_image("netecho")), name="mnet", memory_mib=64, cmdline="secs=0",
+            start=True, manifest=manifest, broker=b["url"], net=gw))
+        assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 30
+        while len(load.echoed) < 200:
+            assert time.monotonic() < deadline, (load.sent, len(load.echoed), console(w, "mnet"))
+            time.sleep(0.05)
+        r = b["hostd"].api().post("/v1/incoming", json=dict(
+            name="mnet", manifest=manifest, broker=b["url"], listen="10.201.0.2", net=gw))
+        assert r.status_code == 201, r.text
+        switch = time.monotonic()
+        m = w["hostd"].api().post("/v1/vms/mnet/migrate",
+                                  json={"to": f"10.201.0.2:{r.json()['port']}"})
+        assert m.status_code == 200, m.text
+        w["hostd"].api().post("/v1/vms/mnet/migrate/finish", json={"taken_over": True})
+        deadline = time.monotonic() + 30
+        while not any(t > switch and p[0] == "10.201.0.2" for t, p in load.echoed[-50:]):
+            assert time.monotonic() < deadline, (load.peers, console(w, "mnet"))
+            time.sleep(0.05)
+        before = len(load.echoed)
+        time.sleep(1.0)
+        assert len(load.echoed) - before > 100          # the stream goes on from the target
+        assert w["hostd"].api().get("/v1/vms/mnet").json()["state"] == "stopped"
+        assert b["hostd"].api().get("/v1/vms/mnet").json()["state"] == "running"
+    finally:
+        load.stop()
+        cleanup(w, b, "mnet")

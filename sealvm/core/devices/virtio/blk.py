@@ -161,7 +161,7 @@ def _region(mem, segments, skip: int, n: int, *, view_only: bool = False):
     for s in segments:
         if at < s.length:
             if at + n <= s.length:
-                return mem.view(s.gpa + at, n)
+                return (mem.writable_view if view_only else mem.view)(s.gpa + at, n)
             break
         at -= s.length
     if view_only:

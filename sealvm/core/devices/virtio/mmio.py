@@ -83,7 +83,7 @@ class MmioTransport:
         self.name = device.name
         self._interrupt = interrupt
         self._notify = notify
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()      # re-entered by Machine.devices_held
         self.queues: list[Virtqueue] = device.make_queues()
         self.offered_features = (device.features & 0xFF_FFFF) | TRANSPORT_FEATURES
         self.config_generation = 0
