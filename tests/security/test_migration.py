@@ -166,6 +166,24 @@ def test_failure_mid_stream_leaves_the_vm_running_on_the_source(world, host_b, h
     cleanup(w, b, vm)
 
 
+def test_source_killed_mid_stream_never_starts_the_target(world, host_b):
+    """The source's core dies with half the VM sent: the target never has the whole VM,
+    so it never commits or starts, and the owner's generation does not move (the VM is
+    lost with its host, and comes back from its last sealed snapshot)."""
+    w, b = world, host_b
+    vm = create(w, "snap", "memtouch", MEMTOUCH, "mig-srckill", b["url"])
+    wait_for(w, vm, r"memtouch t=1 ")
+    gen = generation(w, "snap")["generation"]
+    pid = w["hostd"].api().get(f"/v1/vms/{vm}").json()["pid"]
+    m, state, fin, relay = migrate(w, b, vm, vm, {"cut_at": 3 << 20,
+                                                  "on_cut": lambda: os.kill(pid, 9)})
+    assert m.status_code >= 400, m.text
+    assert state == "failed", state
+    assert generation(w, "snap")["generation"] == gen
+    assert 3 << 20 <= len(relay.captured) < 64 << 20
+    cleanup(w, b, vm)
+
+
 @pytest.mark.parametrize("where", [200, 5 << 20])      # the handshake, a memory chunk
 def test_tampered_stream_is_refused_and_the_source_resumes(world, host_b, where):
     w, b = world, host_b
