@@ -165,19 +165,26 @@ class Machine:
         state.create_pit2(self.vm)
         self.serial = Serial16550(irq=lambda level: state.irq_line(self.vm, SERIAL_IRQ, level))
 
+    def cpuid_for(self, i: int):
+        """vCPU i's CPUID: KVM's as it is, or filtered for Linux (topology, TSC deadline)."""
+        supported = self.kvm.supported_cpuid()
+        if not self.linux:
+            return supported
+        from .cpu_setup import linux_cpuid
+        from .kvm import state
+        deadline = state.check_extension(self.vm, KVM_CAP_TSC_DEADLINE_TIMER) > 0
+        return linux_cpuid(supported, i, self.config.vcpus, deadline)
+
     def _load_linux(self) -> None:
         from .boot.vmlinux import load_kernel
-        from .cpu_setup import linux_cpuid
         cfg = self.config
         devices = [(v.gpa, VIRTIO_MMIO_SIZE, v.irq) for v in self.virtio]   # announced by ACPI
         plan = load_kernel(cfg.image, cfg.initrd, self.memory, cfg.cmdline.strip(),
                            vcpus=cfg.vcpus, virtio=devices)
         from .kvm import state
-        supported = self.kvm.supported_cpuid()
-        deadline = state.check_extension(self.vm, KVM_CAP_TSC_DEADLINE_TIMER) > 0
         for i in range(cfg.vcpus):
             fd = self.vm.create_vcpu(i)
-            fd.set_cpuid2(linux_cpuid(supported, i, cfg.vcpus, deadline))
+            fd.set_cpuid2(self.cpuid_for(i))
             state.set_msrs(fd, LINUX_BOOT_MSRS)
             if i == 0:                       # the others wait in the kernel for INIT/SIPI
                 apply_cpu_state(fd, plan.cpus[0])

@@ -218,9 +218,7 @@ class Source:
         with m.devices_held():      # requests in flight finish, then no device writes RAM
             try:
                 state = vmstate.to_bytes(vmstate.capture_vm(m))
-                disk = m.blk.disk if m.blk is not None else None
-                if disk is not None:    # every acknowledged write committed, for the target
-                    disk.flush()
+                disk = m.blk.disk if m.blk is not None else None     # committed by the capture
                 for start, end in self._dirty(log) + todo:
                     self._send_run(sealer, ram, start, end)
                     self.report["stop_pages"] += (end - start) // PAGE
@@ -285,7 +283,9 @@ def receive(sock: socket.socket, attest: Callable[[str, int], bytes],
     state = vmstate.from_bytes(meta["state"].encode())
     # The guest's TSC goes on with the wall clock, so the guest sees the switch-over as
     # the gap it is (the downtime a guest can measure), as after any pause of a real CPU.
-    gap = max(0, time.time_ns() - int(meta["wall_ns"])) * int(meta["tsc_khz"]) // 1_000_000
+    gap_ns = max(0, time.time_ns() - int(meta["wall_ns"]))
+    gap = gap_ns * int(meta["tsc_khz"]) // 1_000_000
+    state["clock"] = (state["clock"] + gap_ns) % (1 << 64)    # kvmclock goes on with it
     for rec in state["vcpus"]:
         rec["msrs"] = [[i, (v + gap) % (1 << 64) if i == vmstate.MSR_IA32_TSC else v]
                        for i, v in rec["msrs"]]

@@ -16,9 +16,10 @@ Host quirks (kvm_pvm, Debian 12): MXCSR travels only in XSAVE, so XSAVE, not
 KVM_GET_FPU, carries the FPU/SSE state; some MSRs KVM lists cannot be written
 back (MSR_KVM_ASYNC_PF_INT, 0x4b564d06, here), so the MSR set is what a
 scratch vCPU of a scratch VM can both read and write back (`savable_msrs`,
-once per Kvm); no LAPIC exists without an in-kernel irqchip, which the machine
-does not create.  The TSC travels as MSR_IA32_TSC: a restored guest's TSC
-continues from the value at capture, so the pause gap is invisible to it.
+once per Kvm).  A Linux machine has the in-kernel irqchip (PIC pair, IOAPIC,
+one LAPIC per vCPU) and PIT; their state travels too (`capture_platform`), the
+LAPICs in the vCPU records.  The TSC travels as MSR_IA32_TSC: a restored guest's
+TSC continues from the value at capture, so the pause gap is invisible to it.
 """
 from __future__ import annotations
 
@@ -132,6 +133,37 @@ def restore_vcpu(vcpu: VcpuFd, rec: dict) -> None:
     KS.set_vcpu_events(vcpu, _blob(rec, "events"))
 
 
+# ---- the in-kernel interrupt controllers and PIT (Linux machines) ----------------------
+IRQCHIPS = 3                 # PIC master, PIC slave, IOAPIC
+
+
+def capture_platform(vm) -> dict:
+    return {"irqchip": [bytes(KS.get_irqchip(vm, i)).hex() for i in range(IRQCHIPS)],
+            "pit": bytes(KS.get_pit2(vm)).hex()}
+
+
+def restore_platform(vm, st: dict) -> None:
+    """After the vCPUs (and their LAPICs) exist: the PICs, the IOAPIC's routes, the PIT."""
+    for h in st["irqchip"]:
+        KS.set_irqchip(vm, SS.kvm_irqchip.from_buffer_copy(bytes.fromhex(h)))
+    KS.set_pit2(vm, SS.kvm_pit_state2.from_buffer_copy(bytes.fromhex(st["pit"])))
+
+
+def _check_hex(what: str, h, cls) -> bytes:
+    if not isinstance(h, str) or len(h) != 2 * ctypes.sizeof(cls) or h.strip("0123456789abcdef"):
+        raise VmStateError(f"{what} is not {ctypes.sizeof(cls)} bytes of hex")
+    return bytes.fromhex(h)
+
+
+def check_platform(st: dict) -> None:
+    if not isinstance(st["irqchip"], list) or len(st["irqchip"]) != IRQCHIPS:
+        raise VmStateError(f"irqchip must be a list of {IRQCHIPS} chips")
+    for i, h in enumerate(st["irqchip"]):
+        if SS.kvm_irqchip.from_buffer_copy(_check_hex(f"irqchip {i}", h, SS.kvm_irqchip)).chip_id != i:
+            raise VmStateError(f"irqchip {i} names another chip")
+    _check_hex("pit", st["pit"], SS.kvm_pit_state2)
+
+
 # ---- the whole VM ----------------------------------------------------------------------
 def capture_vm(machine) -> dict:
     """State of a paused Machine: every vCPU, the devices, the VM clock.  Read guest RAM
@@ -147,10 +179,11 @@ def capture_vm(machine) -> dict:
     cpus = []
     for v in machine.vcpus:
         sync_vcpu(v.fd)
-        cpus.append(capture_vcpu(v.fd, msrs))
+        cpus.append(capture_vcpu(v.fd, msrs, lapic=machine.linux))
+    platform = capture_platform(machine.vm) if machine.linux else {"irqchip": None, "pit": None}
     return {"format": FORMAT, "version": VERSION, "memory": machine.memory.size,
             "vcpus": cpus, "devices": devices, "clock": KS.get_clock(machine.vm).clock,
-            "irqchip": None, "pit": None}   # the machine creates neither
+            **platform}
 
 
 def read_ram(memory) -> bytes:
@@ -171,6 +204,9 @@ def finish_restore(machine, restore: Restore) -> None:
     if st["memory"] != mem.size or got != mem.size:
         raise MachineError(f"cannot restore: the state is for {st['memory']} bytes of RAM and "
                            f"{got} came, the machine has {mem.size}")
+    if (st["irqchip"] is not None) != machine.linux:
+        raise MachineError("cannot restore: the state is of a "
+                           f"{'Linux' if st['irqchip'] is not None else 'test'} guest's machine")
     if len(st["vcpus"]) != cfg.vcpus:
         raise MachineError(f"cannot restore: the state has {len(st['vcpus'])} vCPUs, "
                            f"the machine {cfg.vcpus}")
@@ -179,15 +215,16 @@ def finish_restore(machine, restore: Restore) -> None:
         for r in mem.regions:
             mem.write(r.gpa, view[int(r.offset):int(r.offset) + r.size])
     devstate.restore_devices(machine, st["devices"])
-    cpuid = machine.kvm.supported_cpuid()
     for i, rec in enumerate(st["vcpus"]):
         fd = machine.vm.create_vcpu(i)
-        fd.set_cpuid2(cpuid)
+        fd.set_cpuid2(machine.cpuid_for(i))
         restore_vcpu(fd, rec)
         v = Vcpu(i, fd, machine.control, machine.pio, machine.mmio, machine.console,
                  machine._on_stop)
         v.wakeup.set()        # a guest parked on the idle doorbell re-polls its rings
         machine.vcpus.append(v)
+    if st["irqchip"] is not None:
+        restore_platform(machine.vm, st)
     KS.set_clock(machine.vm, st["clock"])
     if restore.paused:
         machine.control.state = VcpuControl.PAUSED
@@ -238,8 +275,10 @@ def check_state(st) -> None:
                         "irqchip", "pit"})
     _int("memory", st["memory"])
     _int("clock", st["clock"])
-    if st["irqchip"] is not None or st["pit"] is not None:
-        raise VmStateError("irqchip/PIT state is not supported by this machine")
+    if (st["irqchip"] is None) != (st["pit"] is None):
+        raise VmStateError("irqchip and PIT state come together or not at all")
+    if st["irqchip"] is not None:
+        check_platform(st)
     cpus = st["vcpus"]
     if not isinstance(cpus, list) or not 1 <= len(cpus) <= 64:
         raise VmStateError("vcpus must be a list of 1 to 64 records")

@@ -392,3 +392,51 @@ def test_a_running_core_does_not_load_the_state_bindings():
     names = tcb.running_core_modules()
     assert any(n.startswith("sealvm.core.kvm.api") for n in names), "no core measured"
     assert not [n for n in names if n.startswith("sealvm.core.kvm.state")], names
+
+
+# ---- the platform a snapshot of a Linux guest carries -----------------------------------
+def test_platform_state_moves_to_a_new_vm(guest):
+    """PIC masks, an IOAPIC route, the PIT's mode and a LAPIC register set on one VM are
+    captured by vmstate, checked, and restored into a fresh VM with its own irqchip."""
+    from sealvm.core import vmstate
+    a, b = guest(SPIN, irqchip=True), guest(SPIN, irqchip=True)
+    for g in (a, b):
+        state.create_pit2(g.vm, SS.KVM_PIT_SPEAKER_DUMMY)
+    pic = state.get_irqchip(a.vm, SS.KVM_IRQCHIP_PIC_MASTER)
+    pic.chip.pic.imr = 0xA5
+    state.set_irqchip(a.vm, pic)
+    ioapic = state.get_irqchip(a.vm, SS.KVM_IRQCHIP_IOAPIC)
+    ioapic.chip.ioapic.redirtbl[5] = 0x0000_0000_0000_0035
+    state.set_irqchip(a.vm, ioapic)
+    pit = state.get_pit2(a.vm)
+    pit.channels[0].mode, pit.channels[2].gate = 2, 0
+    state.set_pit2(a.vm, pit)
+    lapic = state.get_lapic(a.vcpu)
+    lapic.regs[0x80] = 0x30                               # task priority
+    state.set_lapic(a.vcpu, lapic)
+
+    plat = vmstate.capture_platform(a.vm)
+    vmstate.check_platform(plat)
+    rec = vmstate.capture_vcpu(a.vcpu, (), lapic=True)
+    vmstate.restore_platform(b.vm, plat)
+    state.set_lapic(b.vcpu, SS.kvm_lapic_state.from_buffer_copy(bytes.fromhex(rec["lapic"])))
+    assert state.get_irqchip(b.vm, SS.KVM_IRQCHIP_PIC_MASTER).chip.pic.imr == 0xA5
+    assert state.get_irqchip(b.vm, SS.KVM_IRQCHIP_IOAPIC).chip.ioapic.redirtbl[5] == 0x35
+    got = state.get_pit2(b.vm)
+    assert (got.channels[0].mode, got.channels[2].gate) == (2, 0)
+    assert state.get_lapic(b.vcpu).regs[0x80] == 0x30
+    assert vmstate.capture_platform(b.vm)["irqchip"][2] == plat["irqchip"][2]
+
+
+def test_platform_state_is_checked(guest):
+    from sealvm.core import vmstate
+    a = guest(SPIN, irqchip=True)
+    state.create_pit2(a.vm)
+    plat = vmstate.capture_platform(a.vm)
+    swapped = dict(plat, irqchip=[plat["irqchip"][1], plat["irqchip"][0], plat["irqchip"][2]])
+    for bad, why in ((dict(plat, irqchip=plat["irqchip"][:2]), "list of 3"),
+                     (swapped, "names another chip"),
+                     (dict(plat, pit=plat["pit"][:-2]), "bytes of hex"),
+                     (dict(plat, pit="zz" * (len(plat["pit"]) // 2)), "bytes of hex")):
+        with pytest.raises(vmstate.VmStateError, match=why):
+            vmstate.check_platform(bad)
