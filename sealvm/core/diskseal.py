@@ -27,6 +27,13 @@ host can roll back; `writes` counts the sealed writes and the disk refuses more 
 
 Rollback of the whole file to an older copy passes every check here unless the caller
 knows a generation floor (`min_generation`): the host holds every byte of state.
+
+Fencing: each header also names the owner generation of the copy of the VM that
+committed it (`owner`).  A core opening the disk for a newer copy commits at once
+with its generation (it claims the disk); a core of an older copy refuses to open
+a disk a newer copy claimed, and before every commit reads the header it is about
+to overwrite: if a newer copy wrote it, the commit is refused (`fenced`).  So once
+a VM was restored or migrated elsewhere, its old copy can commit nothing more.
 """
 from __future__ import annotations
 
@@ -48,11 +55,11 @@ SLOT_HEADER = 64
 SLOT = SLOT_HEADER + BLOCK
 MAX_BLOCKS = 1 << 28                   # 1 TiB
 MAX_WRITES = 1 << 32                   # random 96-bit nonces under one key
-SB_MAGIC, META_MAGIC = b"SEALDSK1", b"SEALMETA"
+SB_MAGIC, META_MAGIC = b"SEALDSK1", b"SEALMET2"
 ZERO_BLOCK = bytes(BLOCK)
 
 _SB = struct.Struct("<8sIIQ16s")       # magic, format, block size, blocks, disk id
-_META = struct.Struct("<8sQQQ")        # magic, generation, writes, blocks
+_META = struct.Struct("<8sQQQQ")       # magic, generation, writes, blocks, owner generation
 _ENTRY = struct.Struct("<Q12s16sB")    # version, nonce, tag, slot (+ padding to 64)
 _SLOTHDR = struct.Struct("<QQ12s16s")  # block, version, nonce, tag (+ padding to 64)
 _AAD = struct.Struct("<16sQQ")
@@ -63,7 +70,7 @@ class DiskError(Exception):
 
 
 class DiskTamper(DiskError):
-    """Stored data failed its check: `kind` is altered/swapped/stale/missing/rollback."""
+    """Stored data failed its check: `kind` is altered/swapped/stale/missing/rollback/fenced."""
 
     def __init__(self, block: int, kind: str, detail: str = ""):
         where = f"block {block}" if block >= 0 else "metadata"
@@ -136,7 +143,7 @@ def format_disk(io: FileIO, key: bytes, blocks: int, disk_id: bytes | None = Non
     io.truncate(lay.size)
     table = bytearray(lay.pages * PAGE)
     io.pwrite(bytes(table), lay.meta[0] + PAGE)
-    io.pwrite(_meta_header(mac_key, disk_id, 1, 0, blocks, _page_hashes(table, lay.pages)),
+    io.pwrite(_meta_header(mac_key, disk_id, 1, 0, blocks, _page_hashes(table, lay.pages), 0),
               lay.meta[0])
     io.pwrite(bytes(PAGE), lay.meta[1])
     io.sync()
@@ -149,17 +156,18 @@ def _page_hashes(table: bytearray | memoryview, pages: int) -> list[bytes]:
 
 
 def _root(mac_key: bytes, disk_id: bytes, gen: int, writes: int, blocks: int,
-          hashes: list[bytes]) -> bytes:
-    m = hmac.new(mac_key, b"ROOT" + disk_id + struct.pack("<QQQ", gen, writes, blocks), sha256)
+          hashes: list[bytes], owner: int) -> bytes:
+    m = hmac.new(mac_key, b"ROOT" + disk_id + struct.pack("<QQQQ", gen, writes, blocks, owner),
+                 sha256)
     for h in hashes:
         m.update(h)
     return m.digest()
 
 
 def _meta_header(mac_key: bytes, disk_id: bytes, gen: int, writes: int, blocks: int,
-                 hashes: list[bytes]) -> bytes:
-    hdr = _META.pack(META_MAGIC, gen, writes, blocks) + _root(mac_key, disk_id, gen, writes,
-                                                               blocks, hashes)
+                 hashes: list[bytes], owner: int) -> bytes:
+    hdr = _META.pack(META_MAGIC, gen, writes, blocks, owner) + _root(
+        mac_key, disk_id, gen, writes, blocks, hashes, owner)
     return hdr + bytes(PAGE - len(hdr))
 
 
@@ -174,8 +182,9 @@ class SealedDisk:
     """An open sealed disk.  Not thread-safe: one queue worker drives it."""
 
     def __init__(self, io: FileIO, key: bytes, *, min_generation: int = 0,
-                 nonce_log: list | None = None, verify: bool = True):
+                 nonce_log: list | None = None, verify: bool = True, owner=None):
         self.io = io
+        self._owner = owner                 # () -> this copy's owner generation, or None
         self.verify = verify                # False only for a security test's paired control
         self._aead_key, self._mac_key = derive_keys(key)
         self._aead = AESGCM(self._aead_key)
@@ -204,31 +213,37 @@ class SealedDisk:
                 best = (*got, which)
         if best is None:
             raise DiskTamper(-1, "altered", "neither metadata copy verifies")
-        self.generation, self.writes, self.table, self.hashes, self.active = best
+        self.generation, self.writes, self.table, self.hashes, self.owner, self.active = best
         if self.generation < min_generation:
             raise DiskTamper(-1, "rollback", f"generation {self.generation} is older than "
                                              f"the {min_generation} the owner last saw")
+        mine = owner() if owner is not None else self.owner
+        if self.owner > mine:
+            raise DiskTamper(-1, "fenced", f"copy {self.owner} of the VM owns this disk; "
+                                           f"this is copy {mine}, an older one")
         self.committed_slot = self.table[36::ENTRY]     # the slot byte of every entry
         self.pending: set[int] = set()                  # blocks written since the last commit
         # Pages each metadata copy lacks compared with the in-memory table.
         self.behind: list[set[int]] = [set(), set()]
         self.behind[1 - self.active] = set(range(lay.pages))
         self.dirty_pages: set[int] = set()
+        if self.owner < mine:
+            self._commit()                              # claim it
 
     def _load_meta(self, which: int):
         lay = self.layout
         raw = self.io.pread(lay.meta_len, lay.meta[which])
         if len(raw) != lay.meta_len:
             return None
-        magic, gen, writes, blocks = _META.unpack_from(raw)
+        magic, gen, writes, blocks, owner = _META.unpack_from(raw)
         if magic != META_MAGIC or blocks != self.layout.blocks:
             return None
         table = bytearray(raw[PAGE:])
         hashes = _page_hashes(table, lay.pages)
-        want = _root(self._mac_key, self.disk_id, gen, writes, blocks, hashes)
+        want = _root(self._mac_key, self.disk_id, gen, writes, blocks, hashes, owner)
         if not hmac.compare_digest(raw[_META.size:_META.size + 32], want):
             return None
-        return gen, writes, table, hashes
+        return gen, writes, table, hashes, owner
 
     # ---- blocks ------------------------------------------------------------
     def entry(self, block: int) -> tuple[int, bytes, bytes, int]:
@@ -308,6 +323,7 @@ class SealedDisk:
             raise ValueError(f"bad block write {first} len {len(data)}")
         if self.writes + n > MAX_WRITES:
             raise DiskError("this disk key has sealed 2**32 blocks; re-key it (export/import)")
+        self._check_owner()                  # an old copy must not overwrite the new one's slots
         buf = bytearray(n * SLOT + 16)       # clear header + ciphertext per slot, back to back
         mv, src = memoryview(buf), memoryview(data)
         sealed = []
@@ -341,11 +357,27 @@ class SealedDisk:
     # ---- commit --------------------------------------------------------------
     def flush(self) -> None:
         """Make every write so far durable and the new table the committed one."""
-        if not self.pending:
-            return
+        if self.pending:
+            self._commit()
+
+    def _check_owner(self) -> int:
+        """This copy's owner generation, unless a newer copy's header sits where this copy
+        writes its next one (it claimed the disk): then DiskTamper `fenced`."""
+        owner = self._owner() if self._owner is not None else self.owner
+        if self._owner is None:
+            return owner
+        raw = self.io.pread(_META.size, self.layout.meta[1 - self.active]).ljust(_META.size, b"\0")
+        magic, *_, theirs = _META.unpack(raw)
+        if magic == META_MAGIC and theirs > owner:
+            raise DiskTamper(-1, "fenced", f"copy {theirs} of the VM took this disk over; "
+                                           f"this is copy {owner}: it writes nothing more")
+        return owner
+
+    def _commit(self) -> None:
         lay = self.layout
-        self.io.sync()                       # data slots before the table naming them
         target = 1 - self.active
+        owner = self._check_owner()
+        self.io.sync()                       # data slots before the table naming them
         mv = memoryview(self.table)
         for p in self.dirty_pages:
             self.hashes[p] = sha256(mv[p * PAGE:(p + 1) * PAGE]).digest()
@@ -354,10 +386,10 @@ class SealedDisk:
             self.io.pwrite(bytes(mv[p * PAGE:(p + 1) * PAGE]), lay.meta[target] + PAGE * (1 + p))
         gen = self.generation + 1
         self.io.pwrite(_meta_header(self._mac_key, self.disk_id, gen, self.writes, self.blocks,
-                                    self.hashes), lay.meta[target])
+                                    self.hashes, owner), lay.meta[target])
         self.io.sync()
         self.behind[target].clear()
-        self.generation, self.active = gen, target
+        self.generation, self.active, self.owner = gen, target, owner
         for b in self.pending:
             self.committed_slot[b] = self.table[b * ENTRY + 36]
         self.pending.clear()

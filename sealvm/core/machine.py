@@ -253,20 +253,23 @@ class Machine:
         self.virtio.append(slot)
         return slot
 
-    def open_disk(self, key: bytes, min_generation: int = 0) -> str:
-        """Check the attached disk with its key (before the guest runs); DiskError if bad."""
+    def open_disk(self, key: bytes, min_generation: int = 0, owner=None) -> str:
+        """Check the attached disk with its key (before the guest runs); DiskError if bad.
+        `owner()`: this copy's owner generation, stamped on every commit (fencing)."""
         from .diskseal import FileIO, SealedDisk
         from .sandbox.switches import disabled
         disk = SealedDisk(FileIO(self.config.attached[(ATTACH_BLOCK, 0)]), key,
-                          min_generation=min_generation, verify=not disabled("disk_integrity"))
+                          min_generation=min_generation, verify=not disabled("disk_integrity"),
+                          owner=None if disabled("disk_fencing") else owner)
         self.blk.open(disk)
         return f"disk: {disk.blocks * 4} KiB sealed, generation {disk.generation}"
 
     def _commit_disk(self) -> None:
         """A clean stop commits writes the guest did not flush (a crash would lose them)."""
+        from .diskseal import DiskError
         try:
             self.blk.disk.flush()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, DiskError) as e:
             self.config.disk_report(f"disk: final commit failed: {e}")
 
     @contextlib.contextmanager

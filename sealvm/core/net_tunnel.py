@@ -8,11 +8,17 @@ keys, so a counter restarting at 0 after a core restart or a snapshot restore
 never reuses a (key, nonce) pair.  docs/sealed-network.md argues the design.
 
 Messages (little-endian; the host relays them as opaque datagrams):
-  INIT  1|0|0|0 sender:u32 e:32 enc(timestamp:u64)+tag:16              (64 bytes)
+  INIT  1|0|0|0 sender:u32 e:32 enc(timestamp:u64 generation:u64)+tag:16 (72 bytes)
   RESP  2|0|0|0 sender:u32 receiver:u32 e:32 enc(empty)+tag:16          (60 bytes)
   DATA  4|0|0|0 receiver:u32 counter:u64 ChaCha20-Poly1305(frame)+tag   (header = AAD)
 An empty DATA payload is a keepalive; the initiator sends one at once to
 confirm a new session (the responder switches to it only then).
+
+Fencing: the INIT carries, sealed, the owner's generation of the copy of the VM
+that sends it.  The gateway refuses (`drop_fenced`) an INIT from a generation
+older than the owner's newest, so once a VM was restored or migrated elsewhere
+its old copy can make no new session, and the new copy's session replaces its
+current one.
 
 Receive checks, each counted when it drops: the type and length, a known
 receiver index, the counter inside the sliding window and not seen before
@@ -39,7 +45,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 PROTOCOL = b"Noise_NNpsk0_25519_ChaChaPoly_SHA256"
 PROLOGUE = b"sealvm net tunnel v1"
 MSG_INIT, MSG_RESP, MSG_DATA = 1, 2, 4
-INIT_LEN, RESP_LEN, DATA_HDR, TAG = 64, 60, 16, 16
+INIT_LEN, RESP_LEN, DATA_HDR, TAG = 72, 60, 16, 16
 WINDOW = 2048
 REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
@@ -140,6 +146,7 @@ class Session:
         self.window = ReplayWindow()
         self.created = now
         self.confirmed = False
+        self.generation = 0          # responder: what the INIT named
 
 
 class Tunnel:
@@ -152,7 +159,9 @@ class Tunnel:
     def __init__(self, psk: bytes, *, initiator: bool, clock: Callable[[], float] = time.monotonic,
                  rekey_after_messages: int = REKEY_AFTER_MESSAGES,
                  rekey_after_time: float = REKEY_AFTER_TIME,
-                 replay_check: bool = True, seal_frames: bool = True):
+                 replay_check: bool = True, seal_frames: bool = True,
+                 generation: Callable[[], int] = lambda: 0,
+                 min_generation: Callable[[], int] | None = None):
         if len(psk) != 32:
             raise ValueError("the tunnel key must be 32 bytes")
         self._psk = bytes(psk)
@@ -162,6 +171,7 @@ class Tunnel:
         self.rekey_after_time = rekey_after_time
         self.replay_check = replay_check
         self.seal_frames = seal_frames
+        self.generation, self.min_generation = generation, min_generation
         self._lock = threading.Lock()
         self.sessions: dict[int, Session] = {}   # by our receiver index
         self.current: Session | None = None      # what we send with
@@ -171,7 +181,7 @@ class Tunnel:
         self.last_init = -1e9
         self.last_rx = self.last_tx = -1e9   # last authenticated DATA in, last frame out
         self.stats = dict(rx=0, tx=0, keepalive=0, handshakes=0, drop_malformed=0,
-                          drop_session=0, drop_replay=0, drop_auth=0, drop_handshake=0,
+                          drop_session=0, drop_replay=0, drop_auth=0, drop_handshake=0, drop_fenced=0,
                           drop_nosession=0)
 
     # ---- handshake ---------------------------------------------------------
@@ -191,7 +201,7 @@ class Tunnel:
             sym.mix_key(epub)
             ts = max(time.time_ns(), self._last_timestamp + 1)
             self._last_timestamp = ts
-            payload = sym.encrypt_and_hash(ts.to_bytes(8, "little"))
+            payload = sym.encrypt_and_hash(struct.pack("<QQ", ts, self.generation()))
             local = self._new_index()
             self._pending = (local, e, sym)
             self.last_init = self._clock()
@@ -202,9 +212,12 @@ class Tunnel:
         repub = msg[8:40]
         sym.mix_hash(repub)
         sym.mix_key(repub)
-        ts = int.from_bytes(sym.decrypt_and_hash(msg[40:64]), "little")
+        ts, generation = struct.unpack("<QQ", sym.decrypt_and_hash(msg[40:INIT_LEN]))
         if ts <= self._last_timestamp:
             raise HandshakeError("INIT timestamp not newer than the last one (replayed INIT)")
+        if self.min_generation is not None and generation < self.min_generation():
+            self.stats["drop_fenced"] += 1
+            raise HandshakeError(f"INIT from generation {generation}: a fenced copy")
         e = X25519PrivateKey.generate()
         epub = _pub(e)
         sym.mix_hash(epub)
@@ -215,6 +228,7 @@ class Tunnel:
         remote = int.from_bytes(msg[4:8], "little")
         local = self._new_index()
         s = Session(local, remote, k_resp, k_init, self._clock())
+        s.generation = generation
         self._last_timestamp = ts
         self.last_tx = self._clock()          # the RESP counts as a sign of life
         if self.next is not None:
@@ -249,7 +263,8 @@ class Tunnel:
         """`s` becomes the sending session; the one before it stays for in-flight packets."""
         old = self.current
         keep = {s.local: s}
-        if old is not None:
+        if old is not None and not (self.min_generation is not None
+                                    and s.generation > old.generation):   # not a fenced copy's
             keep[old.local] = old
         if self.next is not None and self.next is not s:
             keep[self.next.local] = self.next

@@ -394,7 +394,8 @@ class VmService:
         opts = dict(net_report=report, net_options=dict(
             switches.test_net_options(), replay_check=not switches.disabled("net_replay"),
             seal_frames=not switches.disabled("net_seal")))
-        if self.attestation is not None:
+        if self.attestation is not None:     # the tunnel names this copy's generation
+            opts["net_options"]["generation"] = lambda: self.attestation.generation
             return dict(opts, net_key=lambda: self.attestation.keys["net"])
         try:
             key = switches.test_net_key()
@@ -443,7 +444,8 @@ class VmService:
             raise Refused("FAILED", "a disk is attached but there is no disk key (the owner "
                                     "releases it to an attested core)")
         try:
-            line = self.machine.open_disk(key, self._disk_floor)
+            owner = (lambda: self.attestation.generation) if self.attestation else None
+            line = self.machine.open_disk(key, self._disk_floor, owner)
         except (DiskError, OSError) as e:
             self._emit("LOG", {"level": 40, "message": clip(f"disk refused: {e}")})
             raise Refused("FAILED", f"disk refused: {e}") from None

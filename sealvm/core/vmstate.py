@@ -174,7 +174,11 @@ def capture_vm(machine) -> dict:
             raise VmStateError("capture needs a paused machine (every vCPU parked)")
     devices = devstate.capture_devices(machine)     # drains queued work first
     if getattr(machine, "blk", None) is not None and machine.blk.disk is not None:
-        machine.blk.disk.flush()     # the sealed disk is left at least as new as the snapshot
+        from .diskseal import DiskError
+        try:
+            machine.blk.disk.flush()     # the sealed disk is left at least as new as the state
+        except (OSError, DiskError) as e:
+            raise VmStateError(f"the disk could not be committed: {e}") from None
     msrs = savable_msrs(machine.kvm)
     cpus = []
     for v in machine.vcpus:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..core.net_tunnel import Tunnel
+from .broker import GENERATION_FILE
 
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
@@ -46,6 +47,21 @@ def net_key(directory: str | Path, vm: str) -> bytes:
     from ..owner.manifest import load_vm_keys
     from ..wire.attest import parse_vm_keys
     return parse_vm_keys(load_vm_keys(directory, vm))["net"]
+
+
+def newest_generation(directory: str | Path, vm: str):
+    """What the gateway fences by: the owner's newest generation of `vm` (kept by the
+    broker), read at every handshake; an unreadable record admits no copy at all."""
+    path = Path(directory) / "vms" / vm / GENERATION_FILE
+
+    def read() -> int:
+        try:
+            return int(json.loads(path.read_text())["generation"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError):
+            return 1 << 64
+    return read
 
 
 class Gateway:
@@ -150,7 +166,8 @@ def run(args) -> int:
                 print(f"sealvm owner gateway: {' '.join(cmd)}: {r.stderr.strip()}", file=sys.stderr)
                 return 125
     try:
-        gw = Gateway(key, listen, tap_fd=tap)
+        gw = Gateway(key, listen, tap_fd=tap,
+                     tunnel_options={"min_generation": newest_generation(args.dir, args.vm)})
     except OSError as e:
         print(f"sealvm owner gateway: cannot listen on {args.listen}: {e.strerror}", file=sys.stderr)
         return 125

@@ -44,7 +44,8 @@ def world():
                                           ("secret", "canary", "mib=4 secs=600", "rng"),
                                           ("dsk", "blkbench", BLKBENCH, "blk,rng"),
                                           ("dskload", "blkbench", DISK_LOAD, "blk,rng"),
-                                          ("netvm", "netecho", "secs=0", "net,rng")):
+                                          ("netvm", "netecho", "secs=0", "net,rng"),
+                                          ("netc", "netecho", "canary=FENCE secs=0", "net,rng")):
         r = cli("owner", "sign", "--dir", str(owner), str(guest_image(guest)), "--name", name,
                 "--cmdline", cmdline, "--memory", "64", "--devices", devices)
         assert r.returncode == 0, r.stderr
@@ -52,7 +53,7 @@ def world():
     for kind, value in (("host", m["host_pub"]), ("core", m["core_measurement"])):
         assert cli("owner", "policy", "--dir", str(owner), "add", kind, value).returncode == 0
     public = base / "public"          # what the owner publishes: manifests and public keys
-    for name in ("snap", "secret", "dsk", "dskload", "netvm"):
+    for name in ("snap", "secret", "dsk", "dskload", "netvm", "netc"):
         shutil.copytree(owner / "vms" / name, public / "vms" / name)
     shutil.copy(owner / "owner.pub.json", public / "owner.pub.json")
     for p in [public, *public.rglob("*")]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -272,3 +273,173 @@ def test_vm_with_a_sealed_network_restores_and_echoes_again(world):
     assert r.status_code == 201, r.text
     assert echoes(b"after the restore"), console(w, "net-b")
     w["hostd"].api().delete("/v1/vms/net-b")
+
+
+class CanaryGateway:
+    """The owner's gateway for a netecho guest sending "CANARY:FENCE" every second: answers
+    its ARP request and records which host-side address each canary came from.  Fences
+    (or, the control, does not) with the owner gateway's own generation reader."""
+
+    def __init__(self, key: bytes, min_generation):
+        import socket
+        import threading
+        from sealvm.core.net_tunnel import Tunnel
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.tunnel = Tunnel(key, initiator=False, min_generation=min_generation)
+        self.canaries: list[tuple[float, tuple]] = []
+        self.peer = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from tests.e2e.test_net_daemon import OWNER_IP, OWNER_MAC
+        while not self._stop.is_set():
+            try:
+                d, peer = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            frame, reply = self.tunnel.receive(d)
+            if reply is not None:
+                self.sock.sendto(reply, peer)
+            if frame is None:
+                continue
+            self.peer = peer
+            if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x01" and \
+                    frame[38:42] == OWNER_IP:          # who has the owner's address?
+                answer = (frame[22:28] + OWNER_MAC + b"\x08\x06" + frame[14:20] + b"\x00\x02"
+                          + OWNER_MAC + OWNER_IP + frame[22:32])
+                self.sock.sendto(self.tunnel.seal(answer), peer)
+            elif b"CANARY:FENCE" in frame:
+                self.canaries.append((time.monotonic(), peer))
+
+    def wait(self, pred, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < deadline, (what, self.tunnel.stats)
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "control-no-fencing"])
+def test_the_old_copy_cannot_use_the_network_after_a_restore(world, fencing):
+    """Copy A keeps running after its snapshot is restored as copy B (the host runs both).
+    The owner's gateway admits only the newest generation: A's frames stop reaching the
+    owner's network the moment B's session is up, and A's new handshake is refused as
+    fenced.  Control: a gateway without the generation check keeps taking A's frames."""
+    from sealvm.owner.gateway import newest_generation
+    from sealvm.wire import attest as A
+    w = world
+    keys = A.parse_vm_keys((w["owner"] / "vms" / "netc" / "keys.json").read_bytes())
+    gw = CanaryGateway(keys["net"], newest_generation(w["owner"], "netc") if fencing else None)
+    tag = "f" if fencing else "c"
+    manifest = str(w["public"] / "vms" / "netc")
+    try:
+        r = w["hostd"].api().post("/v1/vms", json=dict(
+            image=str(guest_image("netecho")), name=f"fence-a{tag}", memory_mib=64,
+            cmdline="canary=FENCE secs=0", start=True, manifest=manifest, broker=w["url"],
+            net=f"127.0.0.1:{gw.port}"))
+        assert r.status_code == 201, r.text
+        gw.wait(lambda: len(gw.canaries) >= 2, "no canary from copy A")
+        peer_a = gw.canaries[-1][1]
+        s = snapshot(w, f"fence-a{tag}", snap_dir(w) / f"fence{tag}.svs")
+        assert w["hostd"].api().get(f"/v1/vms/fence-a{tag}").json()["state"] == "running"
+        r = w["hostd"].api().post("/v1/restore", json=dict(
+            snapshot=str(s["path"]), name=f"fence-b{tag}", manifest=manifest, broker=w["url"],
+            start=True, net=f"127.0.0.1:{gw.port}"))
+        assert r.status_code == 201, r.text
+        gw.wait(lambda: any(p != peer_a for _, p in gw.canaries), "no canary from copy B")
+        switch = next(t for t, p in gw.canaries if p != peer_a) + 0.5
+        if fencing:
+            # A hears nothing more, hands its session up after 15 s and handshakes again.
+            gw.wait(lambda: gw.tunnel.stats["drop_fenced"] >= 1, "A never tried again", 30)
+            assert not [t for t, p in gw.canaries if p == peer_a and t > switch]
+            assert gw.tunnel.stats["drop_session"] >= 1     # A's frames under its old session
+            assert any(p != peer_a and t > switch for t, p in gw.canaries)   # B goes on
+        else:
+            gw.wait(lambda: any(p == peer_a and t > switch for t, p in gw.canaries),
+                    "the control: A's frames should still get through", 15)
+    finally:
+        gw.stop()
+        for n in (f"fence-a{tag}", f"fence-b{tag}"):
+            w["hostd"].api().delete(f"/v1/vms/{n}")
+
+
+@pytest.fixture(scope="module")
+def lax_disk_host(world):
+    """A second daemon on this host whose cores run with the one disk defence the control
+    switches off (disk_fencing), in test mode; the owner's broker is the same."""
+    from tests.e2e.conftest import Hostd
+    saved = {k: os.environ.get(k) for k in ("SEALVM_TEST_MODE", "SEALVM_INSECURE_TEST_DISABLE")}
+    os.environ.update(SEALVM_TEST_MODE="1", SEALVM_INSECURE_TEST_DISABLE="disk_fencing")
+    base = w_base = world["base"] / "lax-host"
+    base.mkdir(mode=0o755)
+    try:
+        h = Hostd(w_base, "64600-64649")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "control-no-fencing"])
+def test_the_old_copy_cannot_write_the_disk_after_a_restore(world, lax_disk_host, fencing):
+    """Copy A is in the middle of 40,000 random writes to its sealed disk when its snapshot
+    is restored as copy B on the same disk (shared storage).  B claims the disk as it
+    opens: every write A makes from then on is refused (its guest gets I/O errors, its
+    core says `fenced`), and B finishes and reads every block back intact.  Control: with
+    disk fencing off in the cores, A goes on writing to the disk B owns, and the two
+    copies' writes land in each other's slots (tampering detected: the split brain)."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    from tests.security.owner_world import DISK_LOAD
+    w, tag = world, "f" if fencing else "c"
+    host = w["hostd"] if fencing else lax_disk_host
+    disk = w["base"] / f"fence-{tag}.img"
+    r = subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", "4M", "-o",
+                        str(disk), "--owner", str(w["owner"]), "--vm", "dskload"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.chown(disk, 63970, 63970)
+    manifest = str(w["public"] / "vms" / "dskload")
+    r = host.api().post("/v1/vms", json=dict(
+        image=str(guest_image("blkbench")), name=f"dfa{tag}", memory_mib=64, cmdline=DISK_LOAD,
+        start=True, manifest=manifest, broker=w["url"], disk=str(disk)))
+    assert r.status_code == 201, r.text
+    wait = (lambda vm, pat, t=60: wait_for(dict(w, hostd=host), vm, pat, t))
+    wait(f"dfa{tag}", "blkbench seqwrite")
+    out = Path(tempfile.mkdtemp(dir=w["base"]))
+    shutil.chown(out, 63970, 63970)
+    snap = host.cli("snapshot", f"dfa{tag}", "--output", str(out / "s.svs"))
+    assert snap.returncode == 0, snap.stderr
+    r = host.api().post("/v1/restore", json=dict(
+        snapshot=str(out / "s.svs"), name=f"dfb{tag}", manifest=manifest, broker=w["url"],
+        start=True, disk=str(disk)))
+    assert r.status_code == 201, r.text
+    b = wait(f"dfb{tag}", r"blkbench done errors=(\d+) mismatches=(\d+)", 120)
+    a = wait(f"dfa{tag}", r"blkbench done errors=(\d+) mismatches=(\d+)", 120)
+    log = (host.state / "vms" / f"dfa{tag}" / "core.log").read_text(errors="replace")
+    if fencing:
+        assert b.groups() == ("0", "0"), console(dict(w, hostd=host), f"dfb{tag}")[-1500:]
+        assert "ioerr op=write" in console(dict(w, hostd=host), f"dfa{tag}")
+        assert int(a.group(1)) > 0 and "fenced" in log, log[-2000:]
+    else:       # the old copy went on writing to the disk B owns: each damages the other
+        assert re.search(r"blkbench randwrite .* errors=0 ", console(dict(w, hostd=host),
+                                                                   f"dfa{tag}"))
+        assert "fenced" not in log
+        logs = log + (host.state / "vms" / f"dfb{tag}" / "core.log").read_text(errors="replace")
+        assert "TAMPERING DETECTED" in logs
+    for n in (f"dfa{tag}", f"dfb{tag}"):
+        host.api().delete(f"/v1/vms/{n}")

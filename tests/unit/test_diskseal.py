@@ -265,3 +265,39 @@ def test_kill_and_power_cut_at_every_io_operation_lose_no_acknowledged_write():
             points += 1
     assert points >= 3 * 200
     assert len(nonces) == len(set(nonces)), "a nonce was used twice under one key"
+
+
+# ---- fencing: once a newer copy of the VM opened the disk, the old one commits nothing ----
+@pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "control-no-fencing"])
+def test_an_old_copy_cannot_commit_after_a_newer_copy_claimed_the_disk(fencing):
+    f, a = fresh(owner=(lambda: 3) if fencing else None)
+    a.write_block(1, blk(1))
+    a.flush()
+    b = SealedDisk(f, KEY, owner=(lambda: 4) if fencing else None)   # restored elsewhere
+    assert b.read_block(1) == blk(1)
+    b.write_block(1, blk(2))
+    b.flush()
+    if fencing:                       # the old copy, still running on its host
+        with pytest.raises(DiskTamper) as ei:
+            a.write_block(1, blk(3))
+        assert ei.value.kind == "fenced" and "copy 4" in str(ei.value)
+        a.flush()                                      # nothing of the old copy's to commit
+        assert SealedDisk(f, KEY).read_block(1) == blk(2)
+        with pytest.raises(DiskTamper, match="fenced"):
+            SealedDisk(f, KEY, owner=lambda: 3)        # and cannot open it again
+        assert SealedDisk(f, KEY, owner=lambda: 4).owner == 4
+    else:
+        a.write_block(1, blk(3))
+        a.flush()                                      # the split brain fencing stops:
+        assert SealedDisk(f, KEY).read_block(1) == blk(3)   # the old copy's write wins
+
+
+def test_a_newer_copy_claims_the_disk_when_it_opens_and_the_stamp_is_authenticated():
+    f, a = fresh(owner=lambda: 2)
+    assert a.owner == 2 and a.generation == 2          # claimed at once (format says 0)
+    again = SealedDisk(f, KEY)
+    assert again.owner == 2
+    # The stamp is under the root MAC: changing it in place makes that copy not verify.
+    hdr = f.pread(64, again.layout.meta[again.active])
+    f.pwrite(hdr[:32] + (9).to_bytes(8, "little") + hdr[40:], again.layout.meta[again.active])
+    assert SealedDisk(f, KEY).generation == 1          # the other (older, intact) copy

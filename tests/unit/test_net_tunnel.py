@@ -168,3 +168,40 @@ def test_a_gateway_that_lost_the_session_gets_a_new_handshake_and_keepalives_pre
     assert core.needs_handshake()
     connect(core, restarted)
     assert restarted.receive(core.seal(b"back"))[0] == b"back"
+
+
+# ---- fencing: the owner's gateway admits only the newest copy of the VM -----------------
+@pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "control-no-fencing"])
+def test_a_copy_of_an_older_generation_is_fenced_off(fencing):
+    """Copy A (generation 3) has a session; copy B (generation 4, restored elsewhere) makes
+    its own.  With fencing, A's datagrams are dropped from then on and A's new INIT is
+    refused; the control (no generation check at the gateway) still takes A's frames."""
+    key, newest = os.urandom(32), [3]
+    gw = Tunnel(key, initiator=False, min_generation=(lambda: newest[0]) if fencing else None)
+    a = Tunnel(key, initiator=True, generation=lambda: 3)
+    connect(a, gw)
+    assert gw.receive(a.seal(b"from A"))[0] == b"from A"
+    newest[0] = 4                                    # the broker moved the generation to B
+    b = Tunnel(key, initiator=True, generation=lambda: 4)
+    connect(b, gw)
+    assert gw.receive(b.seal(b"from B"))[0] == b"from B"
+    got = gw.receive(a.seal(b"stale A"))[0]
+    assert got == (None if fencing else b"stale A")
+    _, resp = gw.receive(a.initiate())
+    if fencing:
+        assert resp is None and gw.stats["drop_fenced"] == 1
+        assert gw.stats["drop_session"] == 1
+    else:
+        assert resp is not None and gw.stats["drop_fenced"] == 0
+
+
+def test_the_generation_travels_sealed_in_the_init():
+    key = os.urandom(32)
+    init = Tunnel(key, initiator=True, generation=lambda: 0x1122334455667788).initiate()
+    assert (0x1122334455667788).to_bytes(8, "little") not in init
+    gw = Tunnel(key, initiator=False, min_generation=lambda: 0x1122334455667788)
+    assert gw.receive(init)[1] is not None
+    tampered = bytearray(init)
+    tampered[50] ^= 1
+    gw2 = Tunnel(key, initiator=False, min_generation=lambda: 0)
+    assert gw2.receive(bytes(tampered)) == (None, None) and gw2.stats["drop_handshake"] == 1

@@ -36,6 +36,7 @@ DEFENCES: tuple[str, ...] = (
     "dont_dump",      # madvise(MADV_DONTDUMP)
     "seccomp",        # install_core_filter
     "disk_integrity", # sealed disk reads checked against tag, position, version, tree
+    "disk_fencing",   # the owner generation stamped on each disk commit (an old copy is fenced)
 )
 # Defences of the sealed network (core/net_tunnel.py), switched by the same variable.
 NET_DEFENCES: tuple[str, ...] = (
