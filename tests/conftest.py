@@ -1,6 +1,7 @@
 """Shared test helpers: where the built guests are, and running `sealvm` for real."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,22 @@ GUEST_DIR = ROOT / "guests" / "build"
 HAVE_KVM = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 needs_kvm = pytest.mark.skipif(not HAVE_KVM, reason="no usable /dev/kvm on this machine")
+
+
+@contextlib.contextmanager
+def environ(**values: str):
+    """These environment variables set for the block (what a daemon or core started in it
+    inherits), then put back as they were."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def guest_image(name: str) -> Path:

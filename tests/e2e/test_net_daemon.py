@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sealvm.core.net_tunnel import Tunnel
-from tests.conftest import HAVE_KVM, guest_image
+from tests.conftest import HAVE_KVM, environ, guest_image
 from tests.e2e.conftest import Hostd
 
 pytestmark = pytest.mark.skipif(not HAVE_KVM or os.geteuid() != 0, reason="needs /dev/kvm and root")
@@ -77,18 +77,10 @@ class LoopbackGateway:
 @pytest.fixture
 def netd(tmp_path):
     key = os.urandom(32)
-    saved = {k: os.environ.get(k) for k in ("SEALVM_TEST_MODE", "SEALVM_TEST_NET_KEY")}
-    os.environ.update(SEALVM_TEST_MODE="1", SEALVM_TEST_NET_KEY=key.hex())
     base = Path(tempfile.mkdtemp(prefix="sealvm-netd-", dir="/tmp"))
     os.chmod(base, 0o755)
-    try:
+    with environ(SEALVM_TEST_MODE="1", SEALVM_TEST_NET_KEY=key.hex()):
         h = Hostd(base, "64650-64699")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     yield h, LoopbackGateway(key)
     h.close()
 

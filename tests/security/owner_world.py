@@ -209,3 +209,70 @@ def read_guest_secret(pid: int) -> bytes:
     with open(f"/proc/{pid}/mem", "rb") as f:
         f.seek(addr + 0x200000)
         return f.read(16)
+
+
+def make_disk(w, name: str, vm: str, size: str = "4M") -> Path:
+    """A new sealed disk made with the owner's tools, for `vm`'s key, owned by the daemon."""
+    disk = w["base"] / name
+    r = cli("disk", "create", size, "-o", str(disk), "--owner", str(w["owner"]), "--vm", vm)
+    assert r.returncode == 0, r.stderr
+    shutil.chown(disk, 63970, 63970)             # the daemon's uid opens it
+    return disk
+
+
+class OwnerGateway:
+    """The owner's end of a VM's network tunnel, played by a test on a thread: answers
+    handshakes (fencing by `min_generation` if given, as `sealvm owner gateway` does) and
+    hands each frame to `on_frame(frame, peer)`; `on_tick()` runs between datagrams."""
+
+    def __init__(self, key: bytes, bind: str = "127.0.0.1", min_generation=None,
+                 tick: float = 0.1):
+        import threading
+        from sealvm.core.net_tunnel import Tunnel
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((bind, 0))
+        self.sock.settimeout(tick)
+        self.port = self.sock.getsockname()[1]
+        self.tunnel = Tunnel(key, initiator=False, min_generation=min_generation)
+        self.peer, self.peers = None, []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def on_frame(self, frame: bytes, peer) -> None:
+        pass
+
+    def on_tick(self) -> None:
+        pass
+
+    def send(self, frame: bytes, peer=None) -> None:
+        self.sock.sendto(self.tunnel.seal(frame), peer or self.peer)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.on_tick()
+            try:
+                d, peer = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            frame, reply = self.tunnel.receive(d)
+            if reply is not None:                 # a handshake: maybe a new core
+                self.sock.sendto(reply, peer)
+                self.peer = peer
+                if peer not in self.peers:
+                    self.peers.append(peer)
+            if frame is not None:
+                self.peer = peer
+                self.on_frame(frame, peer)
+
+    def wait(self, pred, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < deadline, (what, self.tunnel.stats)
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+

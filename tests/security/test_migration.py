@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 
 from tests.conftest import guest_image, needs_kvm
-from tests.security.owner_world import (DISK_LOAD, MEMTOUCH, console, create, generation, host_b,  # noqa: F401
+from tests.security.owner_world import (DISK_LOAD, MEMTOUCH, OwnerGateway, console,  # noqa: F401
+                                        create, generation, host_b, make_disk,
                                         read_guest_secret, wait_for, world)
 
 pytestmark = needs_kvm
@@ -304,17 +304,8 @@ def test_vm_migrates_in_the_middle_of_random_disk_writes(world, host_b):
     sealed disk (shared storage both hosts reach) when it is migrated: the requests in
     flight are finished before the stop and the rest run on the target, whose final
     sequential read checks every block against what was written."""
-    import shutil
-    import subprocess
-    import sys
-    from tests.conftest import ROOT, guest_image
     w, b = world, host_b
-    disk = w["base"] / "mig-dsk.img"
-    r = subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", "4M", "-o",
-                        str(disk), "--owner", str(w["owner"]), "--vm", "dskload"], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    shutil.chown(disk, 63970, 63970)
+    disk = make_disk(w, "mig-dsk.img", "dskload")
     manifest = str(w["public"] / "vms" / "dskload")
     r = w["hostd"].api().post("/v1/vms", json=dict(
         image=str(guest_image("blkbench")), name="mdsk", memory_mib=64, cmdline=DISK_LOAD,
@@ -342,47 +333,23 @@ def test_vm_migrates_in_the_middle_of_random_disk_writes(world, host_b):
     cleanup(w, b, "mdsk")
 
 
-class EchoLoad:
+class EchoLoad(OwnerGateway):
     """The owner's gateway under load: a UDP datagram to the guest's echo port every
-    2 ms through the tunnel, counting the echoes that come back and the sessions made."""
+    2 ms through the tunnel, counting the echoes that come back."""
 
     def __init__(self, key: bytes):
-        from sealvm.core.net_tunnel import Tunnel
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("10.201.0.1", 0))            # both hosts reach it
-        self.sock.settimeout(0.002)
-        self.port = self.sock.getsockname()[1]
-        self.tunnel, self.peer, self.sent, self.echoed = Tunnel(key, initiator=False), None, 0, []
-        self.peers: list = []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.sent, self.echoed = 0, []
+        super().__init__(key, bind="10.201.0.1", tick=0.002)       # both hosts reach it
 
-    def _run(self) -> None:
+    def on_tick(self) -> None:
         from tests.e2e.test_net_daemon import udp_frame
-        while not self._stop.is_set():
-            if self.tunnel.current is not None and self.peer is not None:
-                self.sock.sendto(self.tunnel.seal(udp_frame(b"load %d" % self.sent)), self.peer)
-                self.sent += 1
-            try:
-                d, peer = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            frame, reply = self.tunnel.receive(d)
-            if reply is not None:                    # a handshake: maybe a new core
-                self.sock.sendto(reply, peer)
-                self.peer = peer
-                if peer not in self.peers:
-                    self.peers.append(peer)
-            if frame is not None:
-                self.peer = peer
-                if b"load " in frame[-16:]:
-                    self.echoed.append((time.monotonic(), peer))
+        if self.tunnel.current is not None and self.peer is not None:
+            self.send(udp_frame(b"load %d" % self.sent))
+            self.sent += 1
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(5)
-        self.sock.close()
+    def on_frame(self, frame: bytes, peer) -> None:
+        if b"load " in frame[-16:]:
+            self.echoed.append((time.monotonic(), peer))
 
 
 def test_vm_migrates_while_echoing_a_udp_stream(world, host_b):

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import guest_image, needs_kvm
-from tests.security.owner_world import (MEMTOUCH, create, console, generation, host_b,  # noqa: F401
+from tests.security.owner_world import (MEMTOUCH, OwnerGateway, create, console,  # noqa: F401
+                                        generation, host_b, make_disk,
                                         join, read_guest_secret, records, restore, snap_dir,
                                         snapshot, wait_for, world)
 
@@ -206,17 +207,9 @@ def test_guest_secret_is_not_in_the_snapshot(world):
 def test_vm_with_a_sealed_disk_restores_and_reads_back_what_it_wrote(world):
     """blkbench writes its pattern, sleeps (the snapshot is taken then), and after the
     restore reads every block back through the same sealed disk and checks it."""
-    import subprocess
-    import sys
-    from tests.conftest import ROOT, guest_image
     from tests.security.owner_world import BLKBENCH
     w = world
-    disk = w["base"] / "dsk.img"
-    r = subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", "4M", "-o",
-                        str(disk), "--owner", str(w["owner"]), "--vm", "dsk"], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    shutil.chown(disk, 63970, 63970)             # the daemon's uid opens it
+    disk = make_disk(w, "dsk.img", "dsk")
     r = w["hostd"].api().post("/v1/vms", json=dict(
         image=str(guest_image("blkbench")), name="dsk-a", memory_mib=64, cmdline=BLKBENCH,
         start=True, manifest=str(w["public"] / "vms" / "dsk"), broker=w["url"],
@@ -275,57 +268,22 @@ def test_vm_with_a_sealed_network_restores_and_echoes_again(world):
     w["hostd"].api().delete("/v1/vms/net-b")
 
 
-class CanaryGateway:
+class CanaryGateway(OwnerGateway):
     """The owner's gateway for a netecho guest sending "CANARY:FENCE" every second: answers
-    its ARP request and records which host-side address each canary came from.  Fences
-    (or, the control, does not) with the owner gateway's own generation reader."""
+    its ARP request and records which host-side address each canary came from."""
 
     def __init__(self, key: bytes, min_generation):
-        import socket
-        import threading
-        from sealvm.core.net_tunnel import Tunnel
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.tunnel = Tunnel(key, initiator=False, min_generation=min_generation)
         self.canaries: list[tuple[float, tuple]] = []
-        self.peer = None
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(key, min_generation=min_generation)
 
-    def _run(self) -> None:
+    def on_frame(self, frame: bytes, peer) -> None:
         from tests.e2e.test_net_daemon import OWNER_IP, OWNER_MAC
-        while not self._stop.is_set():
-            try:
-                d, peer = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            frame, reply = self.tunnel.receive(d)
-            if reply is not None:
-                self.sock.sendto(reply, peer)
-            if frame is None:
-                continue
-            self.peer = peer
-            if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x01" and \
-                    frame[38:42] == OWNER_IP:          # who has the owner's address?
-                answer = (frame[22:28] + OWNER_MAC + b"\x08\x06" + frame[14:20] + b"\x00\x02"
-                          + OWNER_MAC + OWNER_IP + frame[22:32])
-                self.sock.sendto(self.tunnel.seal(answer), peer)
-            elif b"CANARY:FENCE" in frame:
-                self.canaries.append((time.monotonic(), peer))
-
-    def wait(self, pred, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < deadline, (what, self.tunnel.stats)
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(5)
-        self.sock.close()
+        if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x01" and \
+                frame[38:42] == OWNER_IP:             # who has the owner's address?
+            self.send(frame[22:28] + OWNER_MAC + b"\x08\x06" + frame[14:20] + b"\x00\x02"
+                      + OWNER_MAC + OWNER_IP + frame[22:32], peer)
+        elif b"CANARY:FENCE" in frame:
+            self.canaries.append((time.monotonic(), peer))
 
 
 @pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "control-no-fencing"])
@@ -376,19 +334,12 @@ def test_the_old_copy_cannot_use_the_network_after_a_restore(world, fencing):
 def lax_disk_host(world):
     """A second daemon on this host whose cores run with the one disk defence the control
     switches off (disk_fencing), in test mode; the owner's broker is the same."""
+    from tests.conftest import environ
     from tests.e2e.conftest import Hostd
-    saved = {k: os.environ.get(k) for k in ("SEALVM_TEST_MODE", "SEALVM_INSECURE_TEST_DISABLE")}
-    os.environ.update(SEALVM_TEST_MODE="1", SEALVM_INSECURE_TEST_DISABLE="disk_fencing")
-    base = w_base = world["base"] / "lax-host"
+    base = world["base"] / "lax-host"
     base.mkdir(mode=0o755)
-    try:
-        h = Hostd(w_base, "64600-64649")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(SEALVM_TEST_MODE="1", SEALVM_INSECURE_TEST_DISABLE="disk_fencing"):
+        h = Hostd(base, "64600-64649")
     yield h
     h.close()
 
@@ -401,18 +352,10 @@ def test_the_old_copy_cannot_write_the_disk_after_a_restore(world, lax_disk_host
     core says `fenced`), and B finishes and reads every block back intact.  Control: with
     disk fencing off in the cores, A goes on writing to the disk B owns, and the two
     copies' writes land in each other's slots (tampering detected: the split brain)."""
-    import subprocess
-    import sys
-    from tests.conftest import ROOT
     from tests.security.owner_world import DISK_LOAD
     w, tag = world, "f" if fencing else "c"
     host = w["hostd"] if fencing else lax_disk_host
-    disk = w["base"] / f"fence-{tag}.img"
-    r = subprocess.run([sys.executable, "-m", "sealvm.cli", "disk", "create", "4M", "-o",
-                        str(disk), "--owner", str(w["owner"]), "--vm", "dskload"], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    shutil.chown(disk, 63970, 63970)
+    disk = make_disk(w, f"fence-{tag}.img", "dskload")
     manifest = str(w["public"] / "vms" / "dskload")
     r = host.api().post("/v1/vms", json=dict(
         image=str(guest_image("blkbench")), name=f"dfa{tag}", memory_mib=64, cmdline=DISK_LOAD,
