@@ -27,64 +27,21 @@
  * Exit: 0 all good; 4 an I/O error or a mismatch; 1 no device or bad setup;
  *       2 bad parameters or device broken; 3 timeout.
  */
-#include "lib.h"
-
-#define VMMIO_MAGIC             0x000
-#define VMMIO_VERSION           0x004
-#define VMMIO_DEVICE_ID         0x008
-#define VMMIO_DEVICE_FEATURES   0x010
-#define VMMIO_DEVICE_FEAT_SEL   0x014
-#define VMMIO_DRIVER_FEATURES   0x020
-#define VMMIO_DRIVER_FEAT_SEL   0x024
-#define VMMIO_QUEUE_SEL         0x030
-#define VMMIO_QUEUE_NUM_MAX     0x034
-#define VMMIO_QUEUE_NUM         0x038
-#define VMMIO_QUEUE_READY       0x044
-#define VMMIO_QUEUE_NOTIFY      0x050
-#define VMMIO_STATUS            0x070
-#define VMMIO_QUEUE_DESC_LO     0x080
-#define VMMIO_QUEUE_DESC_HI     0x084
-#define VMMIO_QUEUE_DRIVER_LO   0x090
-#define VMMIO_QUEUE_DRIVER_HI   0x094
-#define VMMIO_QUEUE_DEVICE_LO   0x0a0
-#define VMMIO_QUEUE_DEVICE_HI   0x0a4
-#define VMMIO_CONFIG            0x100
-
-#define VIRTIO_MAGIC            0x74726976
-#define VIRTIO_ID_BLOCK         2
-#define STATUS_ACKNOWLEDGE      0x01
-#define STATUS_DRIVER           0x02
-#define STATUS_DRIVER_OK        0x04
-#define STATUS_FEATURES_OK      0x08
-#define STATUS_NEEDS_RESET      0x40
-#define STATUS_FAILED           0x80
+#include "virtio.h"
 
 #define F_BLK_SIZE              (1u << 6)
 #define F_FLUSH                 (1u << 9)
 #define F_INDIRECT              (1u << 28)
 
-#define DESC_F_NEXT             1
-#define DESC_F_WRITE            2
-#define DESC_F_INDIRECT         4
-
 #define T_IN    0
 #define T_OUT   1
 #define T_FLUSH 4
 
-#define MAX_QUEUE       256
 #define MAX_QD          64
 #define MAX_BS          (1u << 20)
 #define UNIT            4096
 #define MAX_SIZE        (64ull << 20)
 
-#define MICROVM_VIRTIO_BASE     0xfeb00000ull
-#define MICROVM_VIRTIO_COUNT    24
-#define MICROVM_VIRTIO_STRIDE   512
-
-struct virtq_desc { u64 addr; u32 len; u16 flags; u16 next; };
-struct virtq_avail { u16 flags; u16 idx; u16 ring[MAX_QUEUE]; };
-struct virtq_used_elem { u32 id; u32 len; };
-struct virtq_used { u16 flags; u16 idx; struct virtq_used_elem ring[MAX_QUEUE]; };
 struct blk_req { u32 type; u32 reserved; u64 sector; };
 
 #define DESC_GPA        ((u64)FREE_RAM_BASE)
@@ -95,7 +52,6 @@ struct blk_req { u32 type; u32 reserved; u64 sector; };
 #define INDIRECT_GPA    ((u64)FREE_RAM_BASE + 0x6000)    /* MAX_QD x 3 descriptors */
 #define BUFFERS_GPA     ((u64)FREE_RAM_BASE + 0x10000)
 
-static u64 dev;
 static u32 qsize, qd, bs, use_indirect;
 static u64 timeout;
 static u64 seed, units;
@@ -107,93 +63,19 @@ static volatile struct virtq_desc *desc = (void *)DESC_GPA;
 static volatile struct virtq_avail *avail = (void *)AVAIL_GPA;
 static volatile struct virtq_used *used = (void *)USED_GPA;
 
-static u32 reg_read(u32 off) { return mmio_read32(dev + off); }
-static void reg_write(u32 off, u32 v) { mmio_write32(dev + off, v); }
-
-static noreturn void broken(void)
-{
-    puts("blkbench device broken");
-    exit(2);
-}
-
-static noreturn void init_failed(const char *why)
-{
-    printf("blkbench init failed: %s\n", why);
-    reg_write(VMMIO_STATUS, reg_read(VMMIO_STATUS) | STATUS_FAILED);
-    exit(1);
-}
-
-static bool is_block(u64 base)
-{
-    return mmio_read32(base + VMMIO_MAGIC) == VIRTIO_MAGIC &&
-           mmio_read32(base + VMMIO_DEVICE_ID) == VIRTIO_ID_BLOCK;
-}
-
-static bool find_device(void)
-{
-    for (u32 i = 0; i < boot.n_virtio; i++)
-        if (is_block(boot.virtio[i].base)) {
-            dev = boot.virtio[i].base;
-            return true;
-        }
-    if (boot.n_virtio == 0 && !boot.sealvm)
-        for (u32 i = 0; i < MICROVM_VIRTIO_COUNT; i++) {
-            u64 base = MICROVM_VIRTIO_BASE + i * MICROVM_VIRTIO_STRIDE;
-            if (is_block(base)) {
-                dev = base;
-                return true;
-            }
-        }
-    return false;
-}
+const char *virtio_guest = "blkbench";
 
 static u64 device_setup(void)
 {
-    reg_write(VMMIO_STATUS, 0);
-    for (u32 i = 0; reg_read(VMMIO_STATUS) != 0; i++)
-        if (i > 1000)
-            init_failed("device does not reset");
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE);
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    reg_write(VMMIO_DEVICE_FEAT_SEL, 0);
-    u32 lo = reg_read(VMMIO_DEVICE_FEATURES);
-    reg_write(VMMIO_DEVICE_FEAT_SEL, 1);
-    if (!(reg_read(VMMIO_DEVICE_FEATURES) & 1))
-        init_failed("device does not offer VIRTIO_F_VERSION_1");
+    u32 lo = features_begin();
     if (use_indirect && !(lo & F_INDIRECT))
         init_failed("device does not offer indirect descriptors");
-    reg_write(VMMIO_DRIVER_FEAT_SEL, 0);
-    reg_write(VMMIO_DRIVER_FEATURES, lo & (F_FLUSH | F_BLK_SIZE | (use_indirect ? F_INDIRECT : 0)));
-    reg_write(VMMIO_DRIVER_FEAT_SEL, 1);
-    reg_write(VMMIO_DRIVER_FEATURES, 1);
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-    u32 st = reg_read(VMMIO_STATUS);
-    if (st & STATUS_NEEDS_RESET)
-        broken();
-    if (!(st & STATUS_FEATURES_OK))
-        init_failed("FEATURES_OK not accepted");
+    features_end(lo & (F_FLUSH | F_BLK_SIZE | (use_indirect ? F_INDIRECT : 0)));
     u64 sectors = reg_read(VMMIO_CONFIG) | ((u64)reg_read(VMMIO_CONFIG + 4) << 32);
-
-    reg_write(VMMIO_QUEUE_SEL, 0);
-    u32 qmax = reg_read(VMMIO_QUEUE_NUM_MAX);
-    if (qmax == 0)
-        init_failed("queue 0 not available");
-    qsize = 1;
-    while (qsize * 2 <= qmax && qsize * 2 <= MAX_QUEUE)
-        qsize *= 2;
+    qsize = queue_size(0, VIRTQ_MAX);
     memset((void *)DESC_GPA, 0, BUFFERS_GPA - DESC_GPA);
-    reg_write(VMMIO_QUEUE_NUM, qsize);
-    reg_write(VMMIO_QUEUE_DESC_LO, (u32)DESC_GPA);
-    reg_write(VMMIO_QUEUE_DESC_HI, 0);
-    reg_write(VMMIO_QUEUE_DRIVER_LO, (u32)AVAIL_GPA);
-    reg_write(VMMIO_QUEUE_DRIVER_HI, 0);
-    reg_write(VMMIO_QUEUE_DEVICE_LO, (u32)USED_GPA);
-    reg_write(VMMIO_QUEUE_DEVICE_HI, 0);
-    reg_write(VMMIO_QUEUE_READY, 1);
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK |
-                            STATUS_DRIVER_OK);
-    if (reg_read(VMMIO_STATUS) & STATUS_NEEDS_RESET)
-        broken();
+    queue_ready(qsize, DESC_GPA, AVAIL_GPA, USED_GPA);
+    driver_ok();
     return sectors * 512;
 }
 
@@ -253,22 +135,22 @@ static void submit(u32 i, u32 type, u64 unit, u32 len)
     slots[i].unit = unit;
     volatile struct virtq_desc *t = use_indirect ? (void *)(INDIRECT_GPA + 48 * i) : &desc[3 * i];
     u16 base = use_indirect ? 0 : (u16)(3 * i);
-    t[0].addr = REQ_GPA + 16 * i; t[0].len = 16; t[0].flags = DESC_F_NEXT; t[0].next = base + 1;
+    t[0].addr = REQ_GPA + 16 * i; t[0].len = 16; t[0].flags = VIRTQ_DESC_F_NEXT; t[0].next = base + 1;
     if (len) {
         t[1].addr = (u64)buffer(i); t[1].len = len;
-        t[1].flags = DESC_F_NEXT | (type == T_IN ? DESC_F_WRITE : 0); t[1].next = base + 2;
-        t[2].addr = STATUS_GPA + i; t[2].len = 1; t[2].flags = DESC_F_WRITE; t[2].next = 0;
+        t[1].flags = VIRTQ_DESC_F_NEXT | (type == T_IN ? VIRTQ_DESC_F_WRITE : 0); t[1].next = base + 2;
+        t[2].addr = STATUS_GPA + i; t[2].len = 1; t[2].flags = VIRTQ_DESC_F_WRITE; t[2].next = 0;
         t[0].next = base + 1;
     } else {
         t[0].next = base + 1;
-        t[1].addr = STATUS_GPA + i; t[1].len = 1; t[1].flags = DESC_F_WRITE; t[1].next = 0;
+        t[1].addr = STATUS_GPA + i; t[1].len = 1; t[1].flags = VIRTQ_DESC_F_WRITE; t[1].next = 0;
     }
     u16 head = (u16)(3 * i);
     if (use_indirect) {
         head = (u16)i;
         desc[i].addr = INDIRECT_GPA + 48 * i;
         desc[i].len = len ? 48 : 32;
-        desc[i].flags = DESC_F_INDIRECT;
+        desc[i].flags = VIRTQ_DESC_F_INDIRECT;
         desc[i].next = 0;
     }
     avail->ring[avail_idx % qsize] = head;
@@ -407,7 +289,8 @@ int main(void)
         puts("blkbench error: need bs a multiple of 4096 up to 1M and 1 <= qd <= 64");
         return 2;
     }
-    if (!find_device()) {
+    u32 irq;
+    if (!find_device(VIRTIO_ID_BLOCK, &irq)) {
         puts("blkbench no block device");
         return 1;
     }

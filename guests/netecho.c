@@ -27,54 +27,14 @@
  * Failures: netecho no network device (exit 1), netecho init failed: ... (exit 1),
  *         netecho device broken (exit 2).
  */
-#include "lib.h"
+#include "virtio.h"
 
-#define VMMIO_MAGIC             0x000
-#define VMMIO_VERSION           0x004
-#define VMMIO_DEVICE_ID         0x008
-#define VMMIO_DEVICE_FEATURES   0x010
-#define VMMIO_DEVICE_FEAT_SEL   0x014
-#define VMMIO_DRIVER_FEATURES   0x020
-#define VMMIO_DRIVER_FEAT_SEL   0x024
-#define VMMIO_QUEUE_SEL         0x030
-#define VMMIO_QUEUE_NUM_MAX     0x034
-#define VMMIO_QUEUE_NUM         0x038
-#define VMMIO_QUEUE_READY       0x044
-#define VMMIO_QUEUE_NOTIFY      0x050
-#define VMMIO_STATUS            0x070
-#define VMMIO_QUEUE_DESC_LO     0x080
-#define VMMIO_QUEUE_DESC_HI     0x084
-#define VMMIO_QUEUE_DRIVER_LO   0x090
-#define VMMIO_QUEUE_DRIVER_HI   0x094
-#define VMMIO_QUEUE_DEVICE_LO   0x0a0
-#define VMMIO_QUEUE_DEVICE_HI   0x0a4
-#define VMMIO_CONFIG            0x100
-
-#define VIRTIO_MAGIC            0x74726976
-#define VIRTIO_ID_NET           1
 #define VIRTIO_NET_F_MAC        (1u << 5)
 
-#define STATUS_ACKNOWLEDGE      0x01
-#define STATUS_DRIVER           0x02
-#define STATUS_DRIVER_OK        0x04
-#define STATUS_FEATURES_OK      0x08
-#define STATUS_NEEDS_RESET      0x40
-#define STATUS_FAILED           0x80
-
-#define VIRTQ_DESC_F_WRITE      2
-#define VIRTQ_USED_F_NO_NOTIFY  1
-#define QSIZE                   256
+#define QSIZE                   VIRTQ_MAX
 #define BUF                     2048
 #define NET_HDR                 12
 
-#define MICROVM_VIRTIO_BASE     0xfeb00000ull
-#define MICROVM_VIRTIO_COUNT    24
-#define MICROVM_VIRTIO_STRIDE   512
-
-struct virtq_desc { u64 addr; u32 len; u16 flags; u16 next; };
-struct virtq_avail { u16 flags; u16 idx; u16 ring[QSIZE]; };
-struct virtq_used_elem { u32 id; u32 len; };
-struct virtq_used { u16 flags; u16 idx; struct virtq_used_elem ring[QSIZE]; };
 
 struct vq {
     volatile struct virtq_desc *desc;
@@ -91,7 +51,6 @@ struct vq {
 #define TXBUF_GPA       (RXBUF_GPA + QSIZE * BUF)
 #define END_GPA         (TXBUF_GPA + QSIZE * BUF)
 
-static u64 dev;
 static struct vq rxq, txq;
 static u8 mac[6], peer_mac[6];
 static bool peer_known;
@@ -101,47 +60,7 @@ static u32 tx_free;            /* TX descriptors not in flight */
 static u16 tx_free_list[QSIZE];
 static u64 n_rx, n_tx, n_arp, n_icmp, n_udp;
 
-static u32 reg_read(u32 off) { return mmio_read32(dev + off); }
-static void reg_write(u32 off, u32 v) { mmio_write32(dev + off, v); }
-
-static noreturn void init_failed(const char *why)
-{
-    printf("netecho init failed: %s\n", why);
-    reg_write(VMMIO_STATUS, reg_read(VMMIO_STATUS) | STATUS_FAILED);
-    exit(1);
-}
-
-static void check_status(void)
-{
-    if (reg_read(VMMIO_STATUS) & STATUS_NEEDS_RESET) {
-        puts("netecho device broken");
-        exit(2);
-    }
-}
-
-static bool is_net(u64 base)
-{
-    return mmio_read32(base + VMMIO_MAGIC) == VIRTIO_MAGIC &&
-           mmio_read32(base + VMMIO_DEVICE_ID) == VIRTIO_ID_NET;
-}
-
-static bool find_device(void)
-{
-    for (u32 i = 0; i < boot.n_virtio; i++)
-        if (is_net(boot.virtio[i].base)) {
-            dev = boot.virtio[i].base;
-            return true;
-        }
-    if (boot.n_virtio == 0 && !boot.sealvm)
-        for (u32 i = 0; i < MICROVM_VIRTIO_COUNT; i++) {
-            u64 base = MICROVM_VIRTIO_BASE + i * MICROVM_VIRTIO_STRIDE;
-            if (is_net(base)) {
-                dev = base;
-                return true;
-            }
-        }
-    return false;
-}
+const char *virtio_guest = "netecho";
 
 static bool parse_ip(const char *key, u32 def, u32 *out)
 {
@@ -174,15 +93,7 @@ static bool parse_ip(const char *key, u32 def, u32 *out)
 
 static void setup_queue(u32 index, struct vq *q, u64 rings, u64 bufs)
 {
-    reg_write(VMMIO_QUEUE_SEL, index);
-    if (reg_read(VMMIO_QUEUE_READY) != 0)
-        init_failed("queue already live");
-    u32 qmax = reg_read(VMMIO_QUEUE_NUM_MAX);
-    if (qmax == 0)
-        init_failed("queue not available");
-    u32 size = 1;
-    while (size * 2 <= qmax && size * 2 <= QSIZE)
-        size *= 2;
+    u32 size = queue_size(index, QSIZE);
     q->size = size;
     q->desc = (void *)rings;
     q->avail = (void *)(rings + 0x1000);
@@ -190,40 +101,17 @@ static void setup_queue(u32 index, struct vq *q, u64 rings, u64 bufs)
     q->bufs = bufs;
     q->avail_idx = q->used_seen = 0;
     memset((void *)rings, 0, 0x3000);
-    reg_write(VMMIO_QUEUE_NUM, size);
-    reg_write(VMMIO_QUEUE_DESC_LO, (u32)rings);
-    reg_write(VMMIO_QUEUE_DESC_HI, 0);
-    reg_write(VMMIO_QUEUE_DRIVER_LO, (u32)(rings + 0x1000));
-    reg_write(VMMIO_QUEUE_DRIVER_HI, 0);
-    reg_write(VMMIO_QUEUE_DEVICE_LO, (u32)(rings + 0x2000));
-    reg_write(VMMIO_QUEUE_DEVICE_HI, 0);
-    reg_write(VMMIO_QUEUE_READY, 1);
+    queue_ready(size, rings, rings + 0x1000, rings + 0x2000);
 }
 
 static void device_init(void)
 {
     if (reg_read(VMMIO_VERSION) != 2)
         init_failed("virtio-mmio version is not 2");
-    reg_write(VMMIO_STATUS, 0);
-    for (u32 i = 0; reg_read(VMMIO_STATUS) != 0; i++)
-        if (i > 1000)
-            init_failed("device does not reset");
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE);
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    reg_write(VMMIO_DEVICE_FEAT_SEL, 0);
-    u32 lo = reg_read(VMMIO_DEVICE_FEATURES);
-    reg_write(VMMIO_DEVICE_FEAT_SEL, 1);
-    if (!(reg_read(VMMIO_DEVICE_FEATURES) & 1))
-        init_failed("device does not offer VIRTIO_F_VERSION_1");
+    u32 lo = features_begin();
     if (!(lo & VIRTIO_NET_F_MAC))
         init_failed("device has no MAC address");
-    reg_write(VMMIO_DRIVER_FEAT_SEL, 0);
-    reg_write(VMMIO_DRIVER_FEATURES, VIRTIO_NET_F_MAC);
-    reg_write(VMMIO_DRIVER_FEAT_SEL, 1);
-    reg_write(VMMIO_DRIVER_FEATURES, 1);
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-    if (!(reg_read(VMMIO_STATUS) & STATUS_FEATURES_OK))
-        init_failed("FEATURES_OK not accepted");
+    features_end(VIRTIO_NET_F_MAC);
     for (u32 i = 0; i < 6; i++)
         mac[i] = *(volatile u8 *)(dev + VMMIO_CONFIG + i);
     if (!ram_contains(RXQ_GPA, END_GPA - RXQ_GPA))
@@ -241,9 +129,7 @@ static void device_init(void)
         tx_free_list[i] = (u16)i;
     }
     tx_free = txq.size;
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK |
-                            STATUS_DRIVER_OK);
-    check_status();
+    driver_ok();
     rxq.avail_idx = (u16)rxq.size;
     barrier();
     rxq.avail->idx = rxq.avail_idx;
@@ -509,7 +395,8 @@ int main(void)
         puts("netecho error: bad ip=, peer=, echo=, stream= or canary= (at most 200 bytes)");
         return 2;
     }
-    if (!find_device()) {
+    u32 irq;
+    if (!find_device(VIRTIO_ID_NET, &irq)) {
         puts("netecho no network device");
         return 1;
     }

@@ -24,71 +24,9 @@
  *         rng data check failed: ... (exit 1), rng device broken (exit 2),
  *         rng timeout (exit 3).
  */
-#include "lib.h"
+#include "virtio.h"
 
-/* virtio-mmio registers (version 2) */
-#define VMMIO_MAGIC             0x000
-#define VMMIO_VERSION           0x004
-#define VMMIO_DEVICE_ID         0x008
-#define VMMIO_DEVICE_FEATURES   0x010
-#define VMMIO_DEVICE_FEAT_SEL   0x014
-#define VMMIO_DRIVER_FEATURES   0x020
-#define VMMIO_DRIVER_FEAT_SEL   0x024
-#define VMMIO_QUEUE_SEL         0x030
-#define VMMIO_QUEUE_NUM_MAX     0x034
-#define VMMIO_QUEUE_NUM         0x038
-#define VMMIO_QUEUE_READY       0x044
-#define VMMIO_QUEUE_NOTIFY      0x050
-#define VMMIO_STATUS            0x070
-#define VMMIO_QUEUE_DESC_LO     0x080
-#define VMMIO_QUEUE_DESC_HI     0x084
-#define VMMIO_QUEUE_DRIVER_LO   0x090
-#define VMMIO_QUEUE_DRIVER_HI   0x094
-#define VMMIO_QUEUE_DEVICE_LO   0x0a0
-#define VMMIO_QUEUE_DEVICE_HI   0x0a4
-
-#define VIRTIO_MAGIC            0x74726976      /* "virt" */
-#define VIRTIO_ID_ENTROPY       4
-
-#define STATUS_ACKNOWLEDGE      0x01
-#define STATUS_DRIVER           0x02
-#define STATUS_DRIVER_OK        0x04
-#define STATUS_FEATURES_OK      0x08
-#define STATUS_NEEDS_RESET      0x40
-#define STATUS_FAILED           0x80
-
-#define VIRTQ_DESC_F_WRITE      2
-#define MAX_QUEUE               256
 #define MAX_CHUNK               (1u << 20)
-
-/* QEMU microvm's virtio-mmio transports (used only if the cmdline names none) */
-#define MICROVM_VIRTIO_BASE     0xfeb00000ull
-#define MICROVM_VIRTIO_COUNT    24
-#define MICROVM_VIRTIO_STRIDE   512
-
-struct virtq_desc {
-    u64 addr;
-    u32 len;
-    u16 flags;
-    u16 next;
-};
-
-struct virtq_avail {
-    u16 flags;
-    u16 idx;
-    u16 ring[MAX_QUEUE];
-};
-
-struct virtq_used_elem {
-    u32 id;
-    u32 len;
-};
-
-struct virtq_used {
-    u16 flags;
-    u16 idx;
-    struct virtq_used_elem ring[MAX_QUEUE];
-};
 
 /* Rings and buffers live in RAM above the image. */
 #define DESC_GPA        (FREE_RAM_BASE)
@@ -96,99 +34,7 @@ struct virtq_used {
 #define USED_GPA        (FREE_RAM_BASE + 0x2000)
 #define BUFFERS_GPA     (FREE_RAM_BASE + 0x10000)
 
-static u64 dev;                 /* base of the device's registers */
-
-static u32 reg_read(u32 off) { return mmio_read32(dev + off); }
-static void reg_write(u32 off, u32 v) { mmio_write32(dev + off, v); }
-
-static noreturn void broken(void)
-{
-    puts("rng device broken");
-    exit(2);
-}
-
-static noreturn void init_failed(const char *why)
-{
-    printf("rng init failed: %s\n", why);
-    reg_write(VMMIO_STATUS, reg_read(VMMIO_STATUS) | STATUS_FAILED);
-    exit(1);
-}
-
-static void check_status(void)
-{
-    if (reg_read(VMMIO_STATUS) & STATUS_NEEDS_RESET)
-        broken();
-}
-
-static bool is_entropy_device(u64 base)
-{
-    return mmio_read32(base + VMMIO_MAGIC) == VIRTIO_MAGIC &&
-           mmio_read32(base + VMMIO_DEVICE_ID) == VIRTIO_ID_ENTROPY;
-}
-
-static bool find_device(u32 *irq)
-{
-    for (u32 i = 0; i < boot.n_virtio; i++) {
-        if (is_entropy_device(boot.virtio[i].base)) {
-            dev = boot.virtio[i].base;
-            *irq = boot.virtio[i].irq;
-            return true;
-        }
-    }
-    if (boot.n_virtio == 0 && !boot.sealvm) {
-        for (u32 i = 0; i < MICROVM_VIRTIO_COUNT; i++) {
-            u64 base = MICROVM_VIRTIO_BASE + i * MICROVM_VIRTIO_STRIDE;
-            if (is_entropy_device(base)) {
-                dev = base;
-                *irq = 0;
-                return true;
-            }
-        }
-    }
-    return false;
-}
-
-/* virtio 1.x initialisation up to FEATURES_OK: only VIRTIO_F_VERSION_1. */
-static void device_begin(void)
-{
-    reg_write(VMMIO_STATUS, 0);         /* reset */
-    for (u32 i = 0; reg_read(VMMIO_STATUS) != 0; i++)
-        if (i > 1000)
-            init_failed("device does not reset");
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE);
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-
-    reg_write(VMMIO_DEVICE_FEAT_SEL, 1);
-    u32 hi = reg_read(VMMIO_DEVICE_FEATURES);
-    if (!(hi & 1))                      /* VIRTIO_F_VERSION_1 = bit 32 */
-        init_failed("device does not offer VIRTIO_F_VERSION_1");
-    reg_write(VMMIO_DRIVER_FEAT_SEL, 0);
-    reg_write(VMMIO_DRIVER_FEATURES, 0);
-    reg_write(VMMIO_DRIVER_FEAT_SEL, 1);
-    reg_write(VMMIO_DRIVER_FEATURES, 1);
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-    u32 st = reg_read(VMMIO_STATUS);
-    if (st & STATUS_NEEDS_RESET)
-        broken();
-    if (!(st & STATUS_FEATURES_OK))
-        init_failed("FEATURES_OK not accepted");
-}
-
-/* Queue 0 with `qsize` entries at the fixed ring addresses, then DRIVER_OK. */
-static void device_finish(u32 qsize)
-{
-    reg_write(VMMIO_QUEUE_NUM, qsize);
-    reg_write(VMMIO_QUEUE_DESC_LO, (u32)DESC_GPA);
-    reg_write(VMMIO_QUEUE_DESC_HI, 0);
-    reg_write(VMMIO_QUEUE_DRIVER_LO, (u32)AVAIL_GPA);
-    reg_write(VMMIO_QUEUE_DRIVER_HI, 0);
-    reg_write(VMMIO_QUEUE_DEVICE_LO, (u32)USED_GPA);
-    reg_write(VMMIO_QUEUE_DEVICE_HI, 0);
-    reg_write(VMMIO_QUEUE_READY, 1);
-    reg_write(VMMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK |
-                            STATUS_DRIVER_OK);
-    check_status();
-}
+const char *virtio_guest = "rng";
 
 static u64 fnv1a(const u8 *p, u64 n)
 {
@@ -211,7 +57,7 @@ int main(void)
         puts("rng error: need 0 < chunk <= 1M and count > 0");
         return 2;
     }
-    if (!find_device(&irq)) {
+    if (!find_device(VIRTIO_ID_ENTROPY, &irq)) {
         puts("rng no entropy device");
         return 1;
     }
@@ -221,16 +67,9 @@ int main(void)
         printf("rng init failed: virtio-mmio version %u at 0x%llx (need 2)\n", version, dev);
         return 1;
     }
-    device_begin();
-    reg_write(VMMIO_QUEUE_SEL, 0);
-    if (reg_read(VMMIO_QUEUE_READY) != 0)
-        init_failed("queue 0 already live");
-    u32 qmax = reg_read(VMMIO_QUEUE_NUM_MAX);
-    if (qmax == 0)
-        init_failed("queue 0 not available");
-    u32 qsize = 1;
-    while (qsize * 2 <= qmax && qsize * 2 <= MAX_QUEUE)
-        qsize *= 2;
+    features_begin();
+    features_end(0);                    /* only VIRTIO_F_VERSION_1 */
+    u32 qsize = queue_size(0, VIRTQ_MAX);
     u32 inflight = count < qsize ? (u32)count : qsize;
     if (!ram_contains(DESC_GPA, BUFFERS_GPA - DESC_GPA + inflight * chunk))
         init_failed("not enough RAM for the buffers");
@@ -251,7 +90,8 @@ int main(void)
         desc[i].next = 0;
         avail->ring[i] = (u16)i;
     }
-    device_finish(qsize);
+    queue_ready(qsize, DESC_GPA, AVAIL_GPA, USED_GPA);
+    driver_ok();
     u16 avail_idx = (u16)inflight, used_seen = 0;
     u64 posted = inflight, completed = 0, bytes = 0;
     u64 prev_hash = 0, prev_len = 0;
