@@ -101,25 +101,16 @@ class GuestMemory:
         mem = cls(buf, regions, fd)
         for wanted, advice in ((hugepages == "thp", MADV_HUGEPAGE), (prefault, MADV_POPULATE_WRITE)):
             if wanted:
-                err = mem.advise(0, size, advice)
-                if err:
+                import ctypes
+                libc = ctypes.CDLL(None, use_errno=True)
+                # SAFETY: the range is exactly our own mapping of the guest RAM memfd.
+                if libc.madvise(ctypes.c_void_p(mem.host_address()), ctypes.c_size_t(size),
+                                ctypes.c_int(advice)) != 0:
+                    err = ctypes.get_errno()
                     mem.close()
                     raise MemoryConfigError(f"madvise({advice}) on guest RAM failed: "
                                             f"{os.strerror(err)}")
         return mem
-
-    def advise(self, offset: int, length: int, advice: int) -> int:
-        """madvise on [offset, offset+length) of the memfd mapping (page aligned); 0 or errno.
-        The call releases the GIL: a thread can populate RAM while another fills it."""
-        import ctypes
-        if offset < 0 or length < 0 or offset + length > self.size or offset % PAGE_SIZE:
-            raise GuestMemoryError(f"advice range {offset:#x}+{length:#x} outside guest RAM")
-        libc = ctypes.CDLL(None, use_errno=True)
-        # SAFETY: the range was checked to lie inside our own mapping of the guest RAM memfd.
-        if libc.madvise(ctypes.c_void_p(self.host_address() + offset), ctypes.c_size_t(length),
-                        ctypes.c_int(advice)) != 0:
-            return ctypes.get_errno()
-        return 0
 
     @classmethod
     def anonymous(cls, size: int) -> "GuestMemory":

@@ -21,7 +21,6 @@ from ..wire import sealed as SL
 from ..wire.sealed_layout import (CHUNK_OVERHEAD, MANIFEST_MAGIC, MAX_HEADER, ChunkKind,
                                   parse_header)
 from . import vmstate
-from .memory import MADV_POPULATE_WRITE, GuestMemoryError
 
 PURPOSE = "snapshot"
 PIECE = 4 << 20                      # guest RAM per MEMORY chunk
@@ -217,15 +216,6 @@ def load(reader: Reader, key: bytes, vm: str, generation: int,
     raise error
 
 
-def _populate(memory, want: list) -> None:
-    for off, n in want:      # stops at the first refusal (the RAM closed on a failed load)
-        try:
-            if memory.advise(off, n, MADV_POPULATE_WRITE):
-                return
-        except (ValueError, TypeError, GuestMemoryError):
-            return
-
-
 def build_from(reader: Reader, key: bytes, vm: str, generation: int,
                build: Callable[[dict, dict], object], progress: Progress, built: list):
     op = SL.Opener(key, vm, generation, PURPOSE, exact=True)
@@ -239,11 +229,6 @@ def build_from(reader: Reader, key: bytes, vm: str, generation: int,
     built.append(machine)
     ram = memoryview(machine.memory.buffer)
     want = list(pieces(check_ranges(meta["ranges"], machine.memory.size)))
-    # The kernel allocates the new RAM's pages ahead of the decryption (on the other CPU),
-    # so few of them are first touched by the decrypting thread.
-    ahead = threading.Thread(target=_populate, args=(machine.memory, want),
-                             name="ram-populate", daemon=True)
-    ahead.start()
     got = 0
     for i, rec in enumerate(recs):
         if i >= len(want):
