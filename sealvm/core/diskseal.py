@@ -26,7 +26,9 @@ host can roll back; `writes` counts the sealed writes and the disk refuses more 
 2**32 under one key (the AES-GCM random-nonce bound).
 
 Rollback of the whole file to an older copy passes every check here unless the caller
-knows a generation floor (`min_generation`): the host holds every byte of state.
+knows a generation floor: `min_generation`, and the launcher's witness (`FdWitness`),
+which records each disk's newest committed generation where the host cannot write;
+a commit advances it before the FLUSH is acknowledged.
 
 Fencing: each header also names the owner generation of the copy of the VM that
 committed it (`owner`).  A core opening the disk for a newer copy commits at once
@@ -40,6 +42,7 @@ from __future__ import annotations
 import hmac
 import os
 import struct
+import threading
 from hashlib import sha256
 
 from cryptography.exceptions import InvalidTag
@@ -109,6 +112,38 @@ def derive_keys(key: bytes) -> tuple[bytes, bytes]:
         raise DiskError(f"disk key must be 32 bytes, not {len(key)}")
     okm = HKDF(SHA256(), 64, salt=None, info=b"sealvm disk v1").derive(key)
     return okm[:32], okm[32:]
+
+
+class FdWitness:
+    """The launcher's record of each disk's newest committed generation, over the private
+    socket it gave this core at spawn (sealvm/launcher/witness.py)."""
+    _REQ, _ANS = struct.Struct("<c16sQ"), struct.Struct("<Q")
+
+    def __init__(self, fd: int):
+        self.fd, self._lock = fd, threading.Lock()
+
+    def _ask(self, op: bytes, disk_id: bytes, generation: int = 0) -> int:
+        with self._lock:
+            try:
+                os.write(self.fd, self._REQ.pack(op, disk_id, generation))
+                got = b""
+                while len(got) < self._ANS.size:
+                    chunk = os.read(self.fd, self._ANS.size - len(got))
+                    if not chunk:
+                        break
+                    got += chunk
+            except OSError as e:
+                raise DiskError(f"the launcher's generation witness failed: {e}") from None
+        if len(got) != self._ANS.size:
+            raise DiskError("the launcher's generation witness is gone")
+        return self._ANS.unpack(got)[0]
+
+    def read(self, disk_id: bytes) -> int:
+        return self._ask(b"R", disk_id)
+
+    def advance(self, disk_id: bytes, generation: int) -> None:
+        if self._ask(b"A", disk_id, generation) < generation:
+            raise DiskError(f"the launcher's witness did not record generation {generation}")
 
 
 class Layout:
@@ -182,8 +217,10 @@ class SealedDisk:
     """An open sealed disk.  Not thread-safe: one queue worker drives it."""
 
     def __init__(self, io: FileIO, key: bytes, *, min_generation: int = 0,
-                 nonce_log: list | None = None, verify: bool = True, owner=None):
+                 nonce_log: list | None = None, verify: bool = True, owner=None,
+                 witness: FdWitness | None = None):
         self.io = io
+        self._witness = witness
         self._owner = owner                 # () -> this copy's owner generation, or None
         self.verify = verify                # False only for a security test's paired control
         self._aead_key, self._mac_key = derive_keys(key)
@@ -217,6 +254,12 @@ class SealedDisk:
         if self.generation < min_generation:
             raise DiskTamper(-1, "rollback", f"generation {self.generation} is older than "
                                              f"the {min_generation} the owner last saw")
+        if witness is not None:
+            seen = witness.read(disk_id)
+            if self.generation < seen:
+                raise DiskTamper(-1, "rollback", f"generation {self.generation} is older than "
+                                                 f"the {seen} this host's launcher saw committed")
+            witness.advance(disk_id, self.generation)   # a commit cut before its record
         mine = owner() if owner is not None else self.owner
         if self.owner > mine:
             raise DiskTamper(-1, "fenced", f"copy {self.owner} of the VM owns this disk; "
@@ -388,6 +431,8 @@ class SealedDisk:
         self.io.pwrite(_meta_header(self._mac_key, self.disk_id, gen, self.writes, self.blocks,
                                     self.hashes, owner), lay.meta[target])
         self.io.sync()
+        if self._witness is not None:        # recorded before the FLUSH is acknowledged
+            self._witness.advance(self.disk_id, gen)
         self.behind[target].clear()
         self.generation, self.active, self.owner = gen, target, owner
         for b in self.pending:

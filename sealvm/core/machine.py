@@ -253,14 +253,18 @@ class Machine:
         self.virtio.append(slot)
         return slot
 
-    def open_disk(self, key: bytes, min_generation: int = 0, owner=None) -> str:
+    def open_disk(self, key: bytes, min_generation: int = 0, owner=None,
+                  witness_fd: int = -1) -> str:
         """Check the attached disk with its key (before the guest runs); DiskError if bad.
-        `owner()`: this copy's owner generation, stamped on every commit (fencing)."""
-        from .diskseal import FileIO, SealedDisk
+        `owner()`: this copy's owner generation, stamped on every commit (fencing);
+        `witness_fd`: the launcher's record of the disk's newest generation (rollback)."""
+        from .diskseal import FdWitness, FileIO, SealedDisk
         from .sandbox.switches import disabled
+        witness = FdWitness(witness_fd) if witness_fd >= 0 and not disabled("disk_witness") \
+            else None
         disk = SealedDisk(FileIO(self.config.attached[(ATTACH_BLOCK, 0)]), key,
                           min_generation=min_generation, verify=not disabled("disk_integrity"),
-                          owner=None if disabled("disk_fencing") else owner)
+                          owner=None if disabled("disk_fencing") else owner, witness=witness)
         self.blk.open(disk)
         return f"disk: {disk.blocks * 4} KiB sealed, generation {disk.generation}"
 

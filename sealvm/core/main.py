@@ -1,7 +1,7 @@
 """The core process: one per VM, started by the launcher, the only holder of the VM.
 
     python -I -B -m sealvm.core.main --vm-id=ID --host-uid=U --memory-mib=M \
-        --kvm-fd=N --portal-fd=N --listen-fd=N
+        --kvm-fd=N --portal-fd=N --listen-fd=N --witness-fd=N
 
 It hardens itself first (not dumpable, no new privileges, no other fds), then
 serves the portal: the socketpair it was started with, and after that any
@@ -246,7 +246,7 @@ def protect_guest_memory(machine) -> None:
 
 
 ARGS = {"vm-id": str, "host-uid": int, "memory-mib": int, "kvm-fd": int, "portal-fd": int,
-        "listen-fd": int, "attest-fd": int, "preboot-fd": int}
+        "listen-fd": int, "attest-fd": int, "preboot-fd": int, "witness-fd": int}
 
 
 def parse_args(argv: list[str]) -> SimpleNamespace:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format=f"core[{args.vm_id}] %(levelname)s %(message)s")
     keep = {fd for fd in (0, 1, 2, args.kvm_fd, args.portal_fd, args.listen_fd, args.attest_fd,
-                          args.preboot_fd) if fd >= 0}
+                          args.preboot_fd, args.witness_fd) if fd >= 0}
     try:
         sandbox.harden_process(mlock_limit_needed=KEY_LOCK_BYTES, keep_fds=keep)
     except sandbox.SandboxError as e:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     install_kick_handler()            # signals can only be set up on the main thread
     portal = Portal()
     service = VmService(args.vm_id, args.memory_mib, portal.emit, kvm_fd=args.kvm_fd,
-                        attestation=attestation,
+                        attestation=attestation, witness_fd=args.witness_fd,
                         harden_memory=protect_guest_memory,
                         before_start=sandbox.install_core_filter)
     dispatcher = Dispatcher(service, portal)

@@ -60,11 +60,12 @@ class Refused(Exception):
 class VmService:
     def __init__(self, vm_id: str, memory_limit_mib: int, emit: Callable[[str, dict], bool], *,
                  kvm_fd: int | None = None,
-                 attestation: "Attestation | None" = None,
+                 attestation: "Attestation | None" = None, witness_fd: int = -1,
                  harden_memory: Callable[[Machine], None] = lambda m: None,
                  before_start: Callable[[], None] = lambda: None):
         self.vm_id = vm_id
         self.kvm_fd = kvm_fd
+        self.witness_fd = witness_fd          # the launcher's disk generation record
         self.memory_limit_mib = memory_limit_mib
         self._emit = emit                 # (event name, fields) -> delivered?
         self._harden_memory = harden_memory
@@ -445,7 +446,7 @@ class VmService:
                                     "releases it to an attested core)")
         try:
             owner = (lambda: self.attestation.generation) if self.attestation else None
-            line = self.machine.open_disk(key, self._disk_floor, owner)
+            line = self.machine.open_disk(key, self._disk_floor, owner, self.witness_fd)
         except (DiskError, OSError) as e:
             self._emit("LOG", {"level": 40, "message": clip(f"disk refused: {e}")})
             raise Refused("FAILED", f"disk refused: {e}") from None

@@ -122,7 +122,7 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     kvm_fd = -1
     boot_r = boot_w = -1
-    core_pb = pb_core = None
+    core_pb = pb_core = witness = None
     preboot = None
     tpm_lock = -1
     try:
@@ -135,8 +135,10 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
             kvm_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise LaunchError(f"cannot open /dev/kvm: {e.strerror}") from None
+        from .witness import start as start_witness
+        witness = start_witness(run_dir)
         fds = {"kvm": kvm_fd, "portal": theirs.fileno(), "listen": listener.fileno(),
-               "attest": -1, "preboot": -1}
+               "attest": -1, "preboot": -1, "witness": witness.fileno()}
         if attest:
             # Measure before the core exists; the bundle reaches only the core, by a pipe.
             # With a TPM, the lock on PCR 23 passes to the preboot stage (tpm_boot.py).
@@ -191,7 +193,7 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
         for fd in (kvm_fd, boot_r, boot_w, tpm_lock):
             if fd >= 0:
                 os.close(fd)
-        for end in (core_pb, pb_core):      # the children hold their own copies
+        for end in (core_pb, pb_core, witness):     # the children hold their own copies
             if end is not None:
                 end.close()
     listener.close()

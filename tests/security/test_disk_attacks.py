@@ -9,9 +9,10 @@ reads every other block and prints its summary).  The paired control runs the sa
 attack with exactly one defence off (SEALVM_INSECURE_TEST_DISABLE=disk_integrity): the
 guest then silently receives data that is not what it wrote.
 
-Whole-disk rollback between two runs is not detectable by the core alone (the host holds
-every byte of state; docs/sealed-disk.md): the test shows that limit and that the
-owner's generation record catches it.  A canary the guest writes never appears in the
+Whole-disk rollback between two runs (every file the host can write restored together)
+is caught by the launcher's record of the disk's newest committed generation, which the
+host cannot write (docs/sealed-disk.md); its control shows the core alone would serve
+the older disk, and that the owner's own record still catches it.  A canary the guest writes never appears in the
 host's file; the control writes the same canary through QEMU to a raw file, where it does.
 """
 from __future__ import annotations
@@ -160,25 +161,31 @@ def test_extended_file_is_refused_at_start(disk, disable):
         assert r.returncode == 125 and "extended" in r.stderr.decode()
 
 
-def test_rollback_between_runs_needs_the_owner_generation(disk, tmp_path):
+@pytest.mark.parametrize("disable", ["", "disk_witness"])
+def test_rollback_of_everything_between_runs(disk, tmp_path, disable):
+    """The host copies every file it can write (the image holds both metadata copies;
+    there is no other counter file), lets the VM write and commit, then puts the copy
+    back.  The next core finds the disk older than the generation this host's launcher
+    recorded at the last commit, and refuses it.  Control: with the launcher's witness
+    off, the core serves the rolled-back disk; the owner's own record still catches it."""
     copy = tmp_path / "earlier.img"
     shutil.copyfile(disk.path, copy)
-    r = disk.run(f"tests=seqwrite qd=8 count={N} seed=3")
-    assert r.returncode == 0
+    r = disk.run(f"tests=seqwrite qd=8 count={N} seed=3", disable=disable)
+    assert r.returncode == 0, r.stderr.decode()
     v = sealvm("disk", "verify", str(disk.path), "--key-file", str(disk.key_file))
     assert v.returncode == 0
     generation = int(v.stdout.decode().rsplit("generation", 1)[1])
     shutil.copyfile(copy, disk.path)                        # the host rolls everything back
-    # The limit: a core without a trusted counter opens the older disk and serves it.
-    r = disk.run(READ + " seed=2")
-    assert r.returncode == 0, r.stderr.decode()
+    r = disk.run(READ + " seed=2", disable=disable)
+    if not disable:
+        assert r.returncode == 125, r.stdout.decode() + r.stderr.decode()
+        assert "rollback" in r.stderr.decode() and "launcher" in r.stderr.decode()
+        return
+    assert r.returncode == 0, r.stderr.decode()             # the control: served
     # The owner, who recorded the generation, sees the rollback.
     v = sealvm("disk", "verify", str(disk.path), "--key-file", str(disk.key_file),
                "--min-generation", str(generation))
     assert v.returncode == 1 and "rollback" in v.stderr.decode()
-    # control: without that record the rolled-back disk verifies
-    v = sealvm("disk", "verify", str(disk.path), "--key-file", str(disk.key_file))
-    assert v.returncode == 0
 
 
 def test_canary_written_by_the_guest_is_never_in_the_host_file(disk, tmp_path):

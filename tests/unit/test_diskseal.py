@@ -301,3 +301,53 @@ def test_a_newer_copy_claims_the_disk_when_it_opens_and_the_stamp_is_authenticat
     hdr = f.pread(64, again.layout.meta[again.active])
     f.pwrite(hdr[:32] + (9).to_bytes(8, "little") + hdr[40:], again.layout.meta[again.active])
     assert SealedDisk(f, KEY).generation == 1          # the other (older, intact) copy
+
+
+# ---- the launcher's witness: whole-disk rollback between runs ----------------------------
+def witnessed(tmp_path):
+    from sealvm.launcher.witness import Store, serve
+    import socket
+    import threading
+    ours, theirs = socket.socketpair()
+    store = Store(tmp_path / "witness")
+    threading.Thread(target=serve, args=(ours, store), daemon=True).start()
+    from sealvm.core.diskseal import FdWitness
+    return FdWitness(theirs.detach()), store
+
+
+def test_the_witness_catches_a_whole_disk_rollback_and_follows_every_commit(tmp_path):
+    w, store = witnessed(tmp_path)
+    f, d = fresh(witness=w)
+    assert store.read(d.disk_id) == 1                 # opened: the record catches up
+    earlier = bytes(f.view)                           # everything the host can write, copied
+    d.write_block(3, blk(1))
+    d.flush()
+    assert store.read(d.disk_id) == 2 == d.generation
+    f.view[:] = earlier                               # ... and put back
+    with pytest.raises(DiskTamper) as ei:
+        SealedDisk(f, KEY, witness=w)
+    assert ei.value.kind == "rollback" and "launcher" in str(ei.value)
+    assert SealedDisk(f, KEY).generation == 1         # control: without the witness it opens
+
+
+def test_a_commit_cut_before_its_record_is_taken_up_at_the_next_open(tmp_path):
+    w, store = witnessed(tmp_path)
+    f, d = fresh(witness=w)
+    d.write_block(3, blk(1))
+    d._witness = None                                 # the record never made it (a crash)
+    d.flush()
+    assert store.read(d.disk_id) == 1 and d.generation == 2
+    again = SealedDisk(f, KEY, witness=w)             # newer than the record: fine, and recorded
+    assert again.generation == 2 and store.read(d.disk_id) == 2
+
+
+def test_a_lost_witness_fails_the_commit(tmp_path):
+    from sealvm.core.diskseal import FdWitness
+    import socket
+    a, b = socket.socketpair()
+    b.close()
+    w = FdWitness(a.detach())
+    f = FaultFile()
+    format_disk(f, KEY, BLOCKS)
+    with pytest.raises(DiskError, match="witness"):
+        SealedDisk(f, KEY, witness=w)
