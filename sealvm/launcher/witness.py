@@ -10,16 +10,20 @@ never holds.  A core reads the record when it opens a disk (an older disk is a
 rollback) and advances it after every commit, before it acknowledges the
 guest's FLUSH (docs/sealed-disk.md).
 
-Limits: host root can still roll this directory back (as it could swtpm's NV
-state, which also lives in host files); a hardware TPM's NV counter would not
-be.  The record is per host: a disk that moves hosts is protected by the
-migration stream's generation floor and the owner's record.
+With a TPM (SEALVM_TPM=HOST:PORT, as for the launcher's measured boot) the record
+is a TPM NV counter per disk instead (`TpmStore`), beside an ordinary NV index
+naming the disk and the counter's value at generation 0: the TPM itself refuses
+to move a counter backwards.  Limits: host root can roll the directory back, and
+swtpm's NV state too (it is a host file); a hardware TPM's counter it cannot.
+The record is per host: a disk that moves hosts is protected by the migration
+stream's generation floor and the owner's record.
 
 Requests (little-endian, fixed size): op 'R' or 'A' | disk id 16 | generation u64.
 Answer: the recorded generation u64 (after an 'A', at least the one asked for).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import struct
@@ -68,8 +72,104 @@ class Store:
             return generation
 
 
-def default_store(run_dir: str | os.PathLike) -> Store:
-    """Root: the launcher's own directory; without root (development only): the run dir."""
+NV_BASE = 0x01D50000          # slot k: counter at NV_BASE + 2k, its label at NV_BASE + 2k + 1
+NV_SLOTS = 256
+_LABEL = struct.Struct(">16sq")   # disk id, the counter's value at generation 0
+
+
+class TpmStore:
+    """The same record in TPM NV counters (owner hierarchy, empty owner auth)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._lock = threading.Lock()
+
+    def _esapi(self):
+        from tpm2_pytss import ESAPI
+        from .tpm_boot import split
+        host, port = split(self.address)
+        return ESAPI(f"swtpm:host={host},port={port}")
+
+    @staticmethod
+    def _define(e, index: int, nt: int, size: int):
+        from tpm2_pytss import TSS2_Exception
+        from tpm2_pytss.constants import TPM2_ALG, TPMA_NV
+        from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+        attrs = (nt << TPMA_NV.TPM2_NT_SHIFT) | TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | \
+            TPMA_NV.NO_DA
+        try:
+            return e.nv_define_space(b"", TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+                nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=size)))
+        except TSS2_Exception:          # left by a definition cut short: use it
+            return e.tr_from_tpmpublic(index)
+
+    def _slot(self, e, disk_id: bytes, generation: int | None):
+        """(counter handle, baseline) of `disk_id`; made for `generation` if None is found."""
+        from tpm2_pytss import TSS2_Exception
+        from tpm2_pytss.constants import ESYS_TR, TPM2_NT
+        first = int.from_bytes(hashlib.sha256(disk_id).digest()[:2], "big")
+        for k in range(NV_SLOTS):
+            slot = NV_BASE + 2 * ((first + k) % NV_SLOTS)
+            try:
+                label = _LABEL.unpack(bytes(e.nv_read(e.tr_from_tpmpublic(slot + 1), _LABEL.size,
+                                                      auth_handle=ESYS_TR.RH_OWNER)))
+            except TSS2_Exception:
+                if generation is None:
+                    return None
+                counter = self._define(e, slot, TPM2_NT.COUNTER, 8)
+                e.nv_increment(counter, auth_handle=ESYS_TR.RH_OWNER)   # readable from now on
+                baseline = self._value(e, counter) - generation
+                e.nv_write(self._define(e, slot + 1, TPM2_NT.ORDINARY, _LABEL.size),
+                           _LABEL.pack(disk_id, baseline), auth_handle=ESYS_TR.RH_OWNER)
+                return counter, baseline
+            if label[0] == disk_id:
+                return e.tr_from_tpmpublic(slot), label[1]
+        raise OSError(f"no free TPM NV slot among {NV_SLOTS} for disk {disk_id.hex()}")
+
+    @staticmethod
+    def _value(e, counter) -> int:
+        from tpm2_pytss.constants import ESYS_TR
+        return int.from_bytes(bytes(e.nv_read(counter, 8, auth_handle=ESYS_TR.RH_OWNER)), "big")
+
+    def _run(self, fn):
+        from tpm2_pytss import TSS2_Exception
+        with self._lock:
+            try:
+                e = self._esapi()
+            except TSS2_Exception as ex:
+                raise OSError(f"TPM at {self.address}: {ex}") from None
+            try:
+                return fn(e)
+            except TSS2_Exception as ex:
+                raise OSError(f"TPM at {self.address}: {ex}") from None
+            finally:
+                e.close()
+
+    def read(self, disk_id: bytes) -> int:
+        def op(e):
+            found = self._slot(e, disk_id, None)
+            return 0 if found is None else self._value(e, found[0]) - found[1]
+        return self._run(op)
+
+    def advance(self, disk_id: bytes, generation: int) -> int:
+        from tpm2_pytss.constants import ESYS_TR
+
+        def op(e):
+            counter, baseline = self._slot(e, disk_id, generation)
+            current = self._value(e, counter) - baseline
+            for _ in range(generation - current):
+                e.nv_increment(counter, auth_handle=ESYS_TR.RH_OWNER)
+            return max(current, generation)
+        return self._run(op)
+
+
+def default_store(run_dir: str | os.PathLike):
+    """A TPM if the launcher has one; else, as root, the launcher's own directory;
+    without root (development only), the run dir."""
+    from .tpm_boot import configured
+    address = configured()
+    if address is not None:
+        return TpmStore(address)
     if os.geteuid() == 0:
         from .attest_boot import launcher_dir
         return Store(launcher_dir() / "disk-generations")

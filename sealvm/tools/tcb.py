@@ -26,12 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Core + launcher, counted lines.  Raised only by what a later capability adds
 # (say so in the commit message and in the README's TCB table).
-TCB_BUDGET = 8195
+TCB_BUDGET = 8351
 # The root launcher; with SEALVM_TPM set it also loads sealvm.preboot.tpm (and tpm2-pytss)
 # for the extends it makes before each core starts, and stays alive with it loaded.
 LAUNCHER_MODULES = ["sealvm.launcher.spawn", "sealvm.launcher.protocol", "sealvm.launcher.service",
                     "sealvm.launcher.measure", "sealvm.launcher.attest_boot",
-                    "sealvm.launcher.tpm_boot", "sealvm.preboot.tpm"]
+                    "sealvm.launcher.tpm_boot", "sealvm.launcher.witness", "sealvm.preboot.tpm"]
 # Loaded by a core only when its VM has an owner manifest (the measured guest boots
 # with a rng guest and no broker here); counted as part of the runtime TCB all the same.
 ATTESTED_PATH_MODULES = ["sealvm.core.attestation", "sealvm.wire.attest", "sealvm.wire.bootchannel"]

@@ -385,3 +385,38 @@ def test_we_accept_a_quote_made_by_tpm2_quote(tpm_port, tmp_path):
             "quote_sig": (tmp_path / "sig").read_bytes().hex(), "tpm_ak_pub": ak.hex(),
             "pcrs": {"23": expected.hex()}}
     verify_quote(root, expected, QD, [ak.hex()])
+
+
+# ---- the launcher's disk generation witness in TPM NV counters --------------------------
+def test_the_disk_witness_keeps_generations_in_tpm_counters(tpm_port, tmp_path):
+    """A sealed disk whose commits advance a TPM NV counter (through the launcher's
+    witness): an older copy of the whole disk is refused; a second disk gets its own
+    counter; the counter never goes back."""
+    import os
+    import socket
+    import threading
+    from sealvm.core.diskseal import DiskTamper, FdWitness, SealedDisk, format_disk
+    from sealvm.launcher.witness import TpmStore, serve
+    from tests.disk_faults import FaultFile
+    store = TpmStore(f"127.0.0.1:{tpm_port}")
+    ours, theirs = socket.socketpair()
+    threading.Thread(target=serve, args=(ours, store), daemon=True).start()
+    w = FdWitness(theirs.detach())
+    key = os.urandom(32)
+    f = FaultFile()
+    format_disk(f, key, 64)
+    d = SealedDisk(f, key, witness=w)
+    earlier = bytes(f.view)
+    for i in range(3):
+        d.write_block(i, bytes([i + 1]) * 4096)
+        d.flush()
+    assert store.read(d.disk_id) == d.generation == 4
+    assert store.advance(d.disk_id, 2) == 4                   # never backwards
+    f.view[:] = earlier
+    with pytest.raises(DiskTamper, match="rollback"):
+        SealedDisk(f, key, witness=w)
+    other = FaultFile()
+    format_disk(other, key, 64)
+    o = SealedDisk(other, key, witness=w)
+    assert store.read(o.disk_id) == 1 and store.read(d.disk_id) == 4
+    assert store.read(os.urandom(16)) == 0
