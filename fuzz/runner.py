@@ -239,16 +239,33 @@ def describe(r: dict) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Two panels per target: execs/s (log scale) and line coverage of its modules."""
     try:
         from bench import common as C
+        plt = C.pyplot()
     except ImportError:
+        plt = None
+    if plt is None:
         return
     names = [r["target"] for r in results]
-    C.bar_plot(path, "fuzzing: throughput and line coverage per target",
-               {"execs/s (x100)": [(r.get("execs_per_s") or 0) / 100 for r in results],
-                "line coverage %": [100 * ((r.get("line_coverage") or {}).get("ratio") or 0)
-                                    for r in results]},
-               "execs/s / 100, coverage %", labels=names)
+    xs = range(len(names))
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(7.0, 0.6 * len(names) + 2), 6.5), sharex=True)
+    a.bar(xs, [r.get("execs_per_s") or 0 for r in results], color="#7aa6c2", edgecolor="#2b4b60")
+    a.set_yscale("log")
+    a.set_ylabel("execs/s")
+    a.set_title(f"fuzzing: {results[0].get('engine', '')}, {results[0]['seconds']:.0f} s per target",
+                fontsize=10)
+    b.bar(xs, [100 * ((r.get("line_coverage") or {}).get("ratio") or 0) for r in results],
+          color="#9cc27a", edgecolor="#3f602b")
+    b.set_ylabel("lines covered (%)")
+    b.set_ylim(0, 100)
+    b.set_xticks(list(xs))
+    b.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    for ax in (a, b):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
