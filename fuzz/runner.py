@@ -211,12 +211,12 @@ def run_target(name: str, seconds: float | None, runs: int | None) -> dict:
                 if not deadline or time.monotonic() > deadline:
                     break
         except T.Crash as c:
-            (crashes / "crash-random").write_bytes(b"")
+            (crashes / "crash-random").write_bytes(c.data)
             result["error"] = str(c)[-2000:]
         result.update(engine="random", execs=n, execs_per_s=round(n / (time.monotonic() - t0)),
                       edges=None, rc=0)
     result["seconds"] = round(time.monotonic() - t0, 1)
-    result["crashes"] = [str(p) for p in inputs_of(crashes) if p.stat().st_size or True]
+    result["crashes"] = [str(p) for p in inputs_of(crashes)]
     # Line coverage of what the corpus now holds (a fresh, uninstrumented process).
     cp = subprocess.run([sys.executable, "-m", "fuzz.runner", "--coverage", name, str(corpus)],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -41,6 +41,7 @@ class Crash(Exception):
         super().__init__(f"{target}: {type(error).__name__}: {error}\n"
                          f"input ({len(data)} bytes): {data[:96].hex()}\n{tb}")
         self.error = error
+        self.data = data
 
 
 def load(name: str) -> ModuleType:
