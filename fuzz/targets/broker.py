@@ -13,8 +13,10 @@ crash: the owner's configuration here is valid.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -34,7 +36,11 @@ ticket = b""
 
 def setup() -> None:
     global broker, owner, ticket
-    owner = Path(tempfile.mkdtemp(prefix="sealvm-fuzz-owner-")) / "owner"
+    if broker is not None:
+        return
+    work = tempfile.mkdtemp(prefix="sealvm-fuzz-owner-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    owner = Path(work) / "owner"
     keys.init(owner)
     image = owner.parent / "g.elf"
     image.write_bytes(E.IMAGE)

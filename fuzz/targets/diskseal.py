@@ -22,7 +22,8 @@ disk: _disk.Disk | None = None
 
 def setup() -> None:
     global disk
-    disk = _disk.Disk()
+    if disk is None:
+        disk = _disk.Disk()
 
 
 def patched(data: bytes) -> bytes:

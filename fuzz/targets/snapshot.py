@@ -59,6 +59,8 @@ def _meta(ranges) -> bytes:
 
 def setup() -> None:
     global fd, ram
+    if fd >= 0:
+        return
     fd = os.memfd_create("fuzz-snapshot", os.MFD_CLOEXEC)
     ram = GuestMemory.anonymous(MIN_MEMORY)
     originals.update(s[1:] for s in seeds() if s[0] == 0)

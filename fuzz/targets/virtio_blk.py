@@ -23,7 +23,8 @@ disk: _disk.Disk | None = None
 def setup() -> None:
     global disk
     V.setup()
-    disk = _disk.Disk()
+    if disk is None:
+        disk = _disk.Disk()
 
 
 def one(data: bytes) -> None:
