@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", nargs="+", metavar="ARG",
                     help="TARGET FILE...: run these inputs through the oracle, report crashes")
     a = ap.parse_args(argv)
+    for n in a.targets + (a.replay[:1] if a.replay else []):
+        if n not in T.NAMES:
+            ap.error(f"unknown target {n!r}; known: {', '.join(T.NAMES)}")
     if a.list:
         for n in T.NAMES:
             print(f"{n:15} {(T.load(n).__doc__ or '').strip().splitlines()[0]}")
@@ -319,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {len(files)} inputs, {bad} crashes")
         return 1 if bad else 0
     names = a.targets or T.NAMES
-    for n in names:
-        T.load(n)                       # unknown names fail before any work
     seconds = a.seconds if a.seconds or a.runs else 60.0
     engine = "atheris (libFuzzer)" if have_atheris() else "random mutator (atheris not installed)"
     print(f"fuzzing {len(names)} targets with {engine}, "
