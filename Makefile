@@ -63,13 +63,14 @@ tcb: deps venv guests
 security: deps venv guests
 	$(PY) -m pytest -q tests/security
 
-# Coverage-guided fuzzing of the two parsers that read untrusted bytes: the
-# core's portal decoder and the root launcher's request parser.
-FUZZ_RUNS ?= 200000
+# Coverage-guided fuzzing (atheris/libFuzzer, from the dev extra) of every parser that
+# reads untrusted bytes: each target runs FUZZ_SECONDS, then the results (execs/s,
+# edges, line coverage, crashes) go to bench/results/fuzz.json and fuzz.png.
+# FUZZ_TARGETS narrows it (python -m fuzz.runner --list); docs/fuzzing.md.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
 fuzz: venv
-	$(PY) -m pip install -q --disable-pip-version-check atheris || echo "atheris unavailable: using the random mutator"
-	$(PY) fuzz/portal_fuzz.py -atheris_runs=$(FUZZ_RUNS)
-	$(PY) fuzz/launcher_fuzz.py -atheris_runs=$(FUZZ_RUNS)
+	$(PY) -m fuzz.runner --seconds $(FUZZ_SECONDS) --json bench/results/fuzz.json $(FUZZ_TARGETS)
 
 clean:
 	$(MAKE) -s -C guests clean

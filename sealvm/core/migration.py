@@ -269,24 +269,31 @@ def receive(sock: socket.socket, attest: Callable[[str, int], bytes],
         if meta is not None:
             raise SL.ExtraError("a chunk after the VM state")
         if kind == ChunkKind.METADATA:
-            meta = json.loads(payload)
+            meta = payload
             continue
+        if kind != ChunkKind.MEMORY or len(payload) < _OFF.size:
+            raise MigrationError(f"a chunk of kind {int(kind)}, {len(payload)} bytes, is not memory")
         (off,) = _OFF.unpack_from(payload)
         n = len(payload) - _OFF.size
-        if kind != ChunkKind.MEMORY or off % PAGE or n % PAGE or off + n > memory.size:
+        if off % PAGE or n % PAGE or off + n > memory.size:
             raise MigrationError(f"memory chunk at {off:#x} of {n} bytes does not fit")
         memory.buffer[off:off + n] = memoryview(payload)[_OFF.size:]
         received += n
         progress(received, memory.size)
     if meta is None:
         raise SL.TruncatedError("the stream ended without the VM state")
-    state = vmstate.from_bytes(meta["state"].encode())
-    # The guest's TSC goes on with the wall clock, so the guest sees the switch-over as
-    # the gap it is (the downtime a guest can measure), as after any pause of a real CPU.
-    gap_ns = max(0, time.time_ns() - int(meta["wall_ns"]))
-    gap = gap_ns * int(meta["tsc_khz"]) // 1_000_000
+    try:   # sealed by a core holding the key; still checked, every error a MigrationError
+        meta = json.loads(meta)
+        state, config = vmstate.from_bytes(meta["state"].encode()), meta["config"]
+        disk_generation = int(meta.get("disk_generation", 0))
+        # The guest's TSC goes on with the wall clock, so the guest sees the switch-over as
+        # the gap it is (the downtime a guest can measure), as after any pause of a real CPU.
+        gap_ns = max(0, time.time_ns() - int(meta["wall_ns"]))
+        gap = gap_ns * int(meta["tsc_khz"]) // 1_000_000
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise MigrationError(f"malformed VM state in the stream: {e!r}") from None
     state["clock"] = (state["clock"] + gap_ns) % (1 << 64)    # kvmclock goes on with it
     for rec in state["vcpus"]:
         rec["msrs"] = [[i, (v + gap) % (1 << 64) if i == vmstate.MSR_IA32_TSC else v]
                        for i, v in rec["msrs"]]
-    return build(meta["config"], state, memory), generation, int(meta.get("disk_generation", 0))
+    return build(config, state, memory), generation, disk_generation

@@ -207,7 +207,7 @@ def load(reader: Reader, key: bytes, vm: str, generation: int,
         error = SnapshotError(f"snapshot refused ({e.kind}): {e}")
     except SnapshotError as e:
         error = SnapshotError(str(e))
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         error = SnapshotError(f"snapshot metadata malformed: {e!r}")
     # Out of the handler: the failed frames (and their views of guest RAM) are gone, so
     # the RAM mapping can be closed.

@@ -250,7 +250,7 @@ def from_bytes(blob: bytes) -> dict:
         raise VmStateError(f"state of {len(blob)} bytes exceeds {MAX_STATE_BYTES}")
     try:
         state = json.loads(bytes(blob).decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise VmStateError("not a vmstate blob (truncated or malformed JSON)") from None
     check_state(state)
     return state

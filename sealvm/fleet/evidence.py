@@ -122,8 +122,11 @@ def appraise(evidence: dict, nonce: bytes, golden: dict, max_age: float) -> Appr
         problems = appraise_measurement(m, golden["values"], uid_range)
         if problems:
             return fail(f"measurement {i}: " + "; ".join(problems), latest)
-    age = time.time() - float(latest.get("time", 0))
-    if age > max_age and not test_disabled("stale"):
+    try:
+        age = time.time() - float(latest.get("time", 0))
+    except (TypeError, ValueError):
+        return fail("time: the newest measurement carries no usable time", latest)
+    if not age <= max_age and not test_disabled("stale"):      # NaN is no time either
         return fail(f"stale: newest measurement is {age:.1f} s old (agent stopped measuring)",
                     latest)
     return Appraisal("pass", f"{len(log)} measurements golden, quote verified", latest)

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")     # whole string: fullmatch
 
 
 @dataclass
@@ -47,7 +47,7 @@ class VmRecord:
 
 def new_vm_id(name: str | None) -> str:
     if name:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ValueError(f"bad VM name {name!r}: use 1-63 of a-z, 0-9 and '-'")
         return name
     return "vm-" + secrets.token_hex(4)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_UID_RANGE = (64000, 64999)
-VM_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+VM_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")   # whole string: fullmatch
 LOCK_SLACK = 64 << 20          # keys, stacks and queues the core locks beside guest RAM
 MAX_MEMORY_MIB = 65536
 
@@ -72,7 +72,7 @@ def pick_uid(uid_range: tuple[int, int], reserved: set[int] = frozenset()) -> in
 
 
 def check_vm_id(vm_id: str) -> str:
-    if not isinstance(vm_id, str) or not VM_ID_RE.match(vm_id):
+    if not isinstance(vm_id, str) or not VM_ID_RE.fullmatch(vm_id):
         raise LaunchError(f"bad VM id {vm_id!r}: use 1-63 of a-z, 0-9 and '-'")
     return vm_id
 

@@ -22,7 +22,7 @@ def test_random_bytes_are_parsed_or_refused(data):
         return
     assert req.op in (L.OP_SPAWN, L.OP_PING)
     if req.op == L.OP_SPAWN:
-        assert VM_ID_RE.match(req.vm_id) and 2 <= req.memory_mib <= 65536
+        assert VM_ID_RE.fullmatch(req.vm_id) and 2 <= req.memory_mib <= 65536
 
 
 @settings(max_examples=400, deadline=None)
@@ -34,7 +34,7 @@ def test_any_single_byte_change_is_caught_or_still_valid(pos, value):
         req = L.parse_request(bytes(data))
     except LaunchError:
         return
-    assert VM_ID_RE.match(req.vm_id) and 2 <= req.memory_mib <= 65536
+    assert VM_ID_RE.fullmatch(req.vm_id) and 2 <= req.memory_mib <= 65536
 
 
 @given(st.from_regex(VM_ID_RE, fullmatch=True), st.integers(2, 65536))
@@ -50,6 +50,7 @@ def test_valid_requests_round_trip(vm_id, mib):
     (GOOD[:5] + b"\x80" + GOOD[6:], "flags"),
     (L.encode_request(L.OP_SPAWN, "../etc", 256), "bad VM id"),
     (L.encode_request(L.OP_SPAWN, "Upper", 256), "bad VM id"),
+    (L.encode_request(L.OP_SPAWN, "vm-1\n", 256), "bad VM id"),   # found by fuzz/targets/launcher
     (L.encode_request(L.OP_SPAWN, "vm", 1), "memory"),
     (L.encode_request(L.OP_SPAWN, "vm", 1 << 20), "memory"),
     (GOOD[:16] + b"vm\0x" + GOOD[20:], "after its terminating NUL"),

@@ -1,0 +1,1 @@
+"""Fuzz targets for every parser that reads untrusted bytes (docs/fuzzing.md)."""
