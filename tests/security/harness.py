@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from sealvm.host.corelink import CoreLink
 from sealvm.launcher.spawn import spawn_core
-from tests.conftest import ROOT, guest_image
+from tests.conftest import ROOT, environ, guest_image
 
 ATTACKER_UID = 63990            # plays the host daemon's uid in these tests
 CORE_UID_RANGE = (64900, 64999)
@@ -94,22 +94,14 @@ def start_core(guest: str = "canary", cmdline: str = "mib=4 secs=60", *,
                same_uid_as_attacker: bool = False, disable: tuple[str, ...] = (),
                ready: str = "canary ready", memory_mib: int = 64) -> SealedCore:
     """Start a core (optionally with one defence off) and boot `guest` until `ready` prints."""
-    env_backup = {k: os.environ.get(k) for k in ("SEALVM_TEST_MODE", "SEALVM_INSECURE_TEST_DISABLE")}
-    if disable:
-        os.environ["SEALVM_TEST_MODE"] = "1"
-        os.environ["SEALVM_INSECURE_TEST_DISABLE"] = ",".join(disable)
+    env = dict(SEALVM_TEST_MODE="1", SEALVM_INSECURE_TEST_DISABLE=",".join(disable)) \
+        if disable else {}
     run_dir = tempfile.mkdtemp(prefix="sealvm-sec-")
     os.chmod(run_dir, 0o711)
-    try:
+    with environ(**env):
         h = spawn_core(f"sec-{os.getpid()}-{time.monotonic_ns() % 10**6}", memory_mib=memory_mib,
                        run_dir=run_dir, host_uid=ATTACKER_UID, uid_range=CORE_UID_RANGE,
                        force_uid=ATTACKER_UID if same_uid_as_attacker else None)
-    finally:
-        for k, v in env_backup.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     core = SealedCore(h, None, run_dir)
     seen = threading.Event()
 

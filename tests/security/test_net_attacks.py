@@ -26,7 +26,7 @@ from sealvm.host.netrelay import Relay
 from sealvm.launcher.spawn import spawn_core
 from sealvm.owner.gateway import Gateway, open_tap
 from sealvm.wire.portal_ops import AttachKind
-from tests.conftest import guest_image, needs_kvm
+from tests.conftest import environ, guest_image, needs_kvm
 from tests.netlab import (GATEWAY_PORT, GUEST_IP, GW_VETH, Capture, NetLab, echo, in_netns, netlab_or_skip, udp_socket)
 from tests.security.harness import ATTACKER_UID, CORE_UID_RANGE
 
@@ -61,20 +61,12 @@ class NetVM:
             env["SEALVM_INSECURE_TEST_DISABLE"] = ",".join(disable)
         if rekey:
             env["SEALVM_TEST_NET_REKEY"] = str(rekey)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         self.run_dir = tempfile.mkdtemp(prefix="sealvm-net-", dir="/tmp")
         os.chmod(self.run_dir, 0o711)
-        try:
+        with environ(**env):
             self.handle = spawn_core(f"net-{os.getpid()}-{time.monotonic_ns() % 10**6}",
                                      memory_mib=64, run_dir=self.run_dir, host_uid=ATTACKER_UID,
                                      uid_range=CORE_UID_RANGE)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         self.link = CoreLink(self.handle.vm_id, self.handle.portal, None,
                              on_console=self.console.extend,
                              on_log=lambda lvl, msg: self.log.append(msg))
