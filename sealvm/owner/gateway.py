@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 from ..core.net_tunnel import Tunnel
-from .broker import GENERATION_FILE
 
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
@@ -52,6 +51,7 @@ def net_key(directory: str | Path, vm: str) -> bytes:
 def newest_generation(directory: str | Path, vm: str):
     """What the gateway fences by: the owner's newest generation of `vm` (kept by the
     broker), read at every handshake; an unreadable record admits no copy at all."""
+    from .broker import GENERATION_FILE      # the broker's record (fastapi: owner side only)
     path = Path(directory) / "vms" / vm / GENERATION_FILE
 
     def read() -> int:

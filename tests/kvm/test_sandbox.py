@@ -576,6 +576,10 @@ state = {
     "mlock": vma["Locked"] != "0 kB",
     "dont_dump": "dd" in vma["VmFlags"].split(),
     "disk_integrity": disk_integrity,
+    # Machine.open_disk reads these two; their wiring is proved against real cores by the
+    # paired controls in tests/security (test_snapshots.py, test_disk_attacks.py).
+    "disk_fencing": not disabled("disk_fencing"),
+    "disk_witness": not disabled("disk_witness"),
 }
 try:
     sandbox.install_core_filter()
