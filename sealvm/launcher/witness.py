@@ -35,12 +35,11 @@ ANSWER = struct.Struct("<Q")
 
 
 class Store:
-    """One file per disk id under `directory` (created 0700); writes are atomic."""
+    """One file per disk id under `directory` (made 0700 when first needed); writes are atomic."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.dir = Path(directory)
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self.dir = Path(directory)          # made at the first commit (a VM without a disk
+        self._lock = threading.Lock()       # never needs it)
 
     def _path(self, disk_id: bytes) -> Path:
         return self.dir / disk_id.hex()
@@ -56,6 +55,7 @@ class Store:
             current = self.read(disk_id)
             if generation <= current:
                 return current
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = self._path(disk_id).with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             try:
