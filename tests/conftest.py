@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,18 @@ def environ(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def poll(pred, timeout: float, step: float = 0.1):
+    """`pred()`'s first true value within `timeout` seconds, else None (the caller says
+    what it was waiting for)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return None
 
 
 def guest_image(name: str) -> Path:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import guest_image
+from tests.conftest import guest_image, poll
 from tests.e2e.conftest import HOST_UID, processes_of_uids
 
 IDLE = str(guest_image("idle"))
@@ -16,13 +16,10 @@ MEMTOUCH = str(guest_image("memtouch"))
 
 
 def wait_for(pred, timeout=20, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise TimeoutError("condition not met")
+    v = poll(pred, timeout, step)
+    if not v:
+        raise TimeoutError("condition not met")
+    return v
 
 
 def test_lifecycle_through_the_cli(hostd):

@@ -131,50 +131,44 @@ def test_clean_fleet_is_trusted_places_vms_and_reports_status(fleet):
     assert json.loads(r.stdout)["hosts"][0]["verdict"] == "trusted"
 
 
-def test_changed_code_is_detected_and_the_vms_live_migrate(fleet, monkeypatch):
-    f = fleet
+def changed_file_is_detected(f, monkeypatch, path_of, addition: str, reason_text: str,
+                             defence: str, then=lambda suspect: None) -> None:
+    """Append `addition` to the file `path_of(host)` names on a host running VMs: the host
+    fails with `reason_text`, its VMs live-migrate away, `then(suspect)` holds; control:
+    with the one appraisal `defence` off, the same host's evidence passes."""
     suspect = host_with_vms(f)
     vms = [v["id"] for v in f.table()["vms"] if v["host"] == suspect]
-    target = f.host(suspect).code / "sealvm" / "host" / "api.py"
+    target = path_of(f.host(suspect))
     original = target.read_text()
-    target.write_text(original + "\n# an operator's tool patched the daemon\n")
+    target.write_text(original + addition)
     try:
         f.wait(lambda: f.verdicts()[suspect] == "failed", 10, f"{suspect} failed")
         reason = next(h["reason"] for h in f.table()["hosts"] if h["name"] == suspect)
-        assert "code differs" in reason, reason
+        assert reason_text in reason, reason
         assert_evacuated(f, suspect, vms, "live")
-        # Nothing new goes to the failed host.
-        for n in ("v-after-1", "v-after-2"):
-            assert f.place(n)["host"] != suspect
-        # Control: with the code check off, the same host's evidence passes.
+        then(suspect)
         nonce, ev = challenge(f, suspect)
         golden = golden_of(f, suspect)
         assert appraise(ev, nonce, golden, 3.0).verdict == "fail"
-        assert appraise_with(monkeypatch, "code", ev, nonce, golden).verdict == "pass"
+        assert appraise_with(monkeypatch, defence, ev, nonce, golden).verdict == "pass"
     finally:
         target.write_text(original)
     repair(f, suspect)
 
 
+def test_changed_code_is_detected_and_the_vms_live_migrate(fleet, monkeypatch):
+    def nothing_new_goes_there(suspect):
+        for n in ("v-after-1", "v-after-2"):
+            assert fleet.place(n)["host"] != suspect
+    changed_file_is_detected(fleet, monkeypatch,
+                             lambda h: h.code / "sealvm" / "host" / "api.py",
+                             "\n# an operator's tool patched the daemon\n", "code differs", "code",
+                             then=nothing_new_goes_there)
+
+
 def test_changed_config_is_detected_and_the_vms_live_migrate(fleet, monkeypatch):
-    f = fleet
-    suspect = host_with_vms(f)
-    vms = [v["id"] for v in f.table()["vms"] if v["host"] == suspect]
-    conf = f.host(suspect).config
-    original = conf.read_text()
-    conf.write_text(original + "insecure-dev=1\n")
-    try:
-        f.wait(lambda: f.verdicts()[suspect] == "failed", 10, f"{suspect} failed")
-        reason = next(h["reason"] for h in f.table()["hosts"] if h["name"] == suspect)
-        assert "config differs" in reason, reason
-        assert_evacuated(f, suspect, vms, "live")
-        nonce, ev = challenge(f, suspect)
-        golden = golden_of(f, suspect)
-        assert appraise(ev, nonce, golden, 3.0).verdict == "fail"
-        assert appraise_with(monkeypatch, "config", ev, nonce, golden).verdict == "pass"
-    finally:
-        conf.write_text(original)
-    repair(f, suspect)
+    changed_file_is_detected(fleet, monkeypatch, lambda h: h.config, "insecure-dev=1\n",
+                             "config differs", "config")
 
 
 def test_traced_core_is_restored_from_its_sealed_snapshot_and_the_old_copy_fenced(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, guest_image
+from tests.conftest import ROOT, guest_image, poll
 from tests.e2e.conftest import HOST_UID, Hostd
 
 GUEST_CMDLINE = "mib=8 secs=0 rate=200 idle=1"
@@ -263,14 +263,11 @@ class Fleet:
         return {h["name"]: h["verdict"] for h in self.table()["hosts"]}
 
     def wait(self, cond, timeout: float = 30, what: str = "condition", step: float = 0.1):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            v = cond()
-            if v:
-                return v
-            time.sleep(step)
-        raise AssertionError(f"timed out waiting for {what}; table: "
-                             f"{json.dumps(self.table(), indent=1)[-4000:]}")
+        v = poll(cond, timeout, step)
+        if not v:
+            raise AssertionError(f"timed out waiting for {what}; table: "
+                                 f"{json.dumps(self.table(), indent=1)[-4000:]}")
+        return v
 
     def wait_all_trusted(self, timeout: float = 30) -> None:
         self.wait(lambda: set(self.verdicts().values()) == {"trusted"}, timeout, "all trusted")

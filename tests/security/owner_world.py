@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, guest_image
+from tests.conftest import ROOT, guest_image, poll
 from tests.e2e.conftest import Hostd
 from tests.security.harness import start_broker
 
@@ -86,13 +86,10 @@ def console(w, vm: str) -> str:
 
 
 def wait_for(w, vm: str, pattern: str, timeout: float = 20) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(re.finditer(pattern, console(w, vm)))
-        if found:
-            return found[-1]
-        time.sleep(0.1)
-    raise AssertionError(f"{vm}: no {pattern!r} in {console(w, vm)[-2000:]!r}")
+    found = poll(lambda: list(re.finditer(pattern, console(w, vm))), timeout)
+    if not found:
+        raise AssertionError(f"{vm}: no {pattern!r} in {console(w, vm)[-2000:]!r}")
+    return found[-1]
 
 
 def snapshot(w, vm: str, out: Path) -> dict:
@@ -266,10 +263,7 @@ class OwnerGateway:
                 self.on_frame(frame, peer)
 
     def wait(self, pred, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < deadline, (what, self.tunnel.stats)
-            time.sleep(0.05)
+        assert poll(pred, timeout, 0.05), (what, self.tunnel.stats)
 
     def stop(self) -> None:
         self._stop.set()
