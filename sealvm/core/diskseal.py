@@ -50,6 +50,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..wire import witness as W
+
 BLOCK = 4096
 PAGE = 4096
 ENTRY = 64
@@ -117,7 +119,6 @@ def derive_keys(key: bytes) -> tuple[bytes, bytes]:
 class FdWitness:
     """The launcher's record of each disk's newest committed generation, over the private
     socket it gave this core at spawn (sealvm/launcher/witness.py)."""
-    _REQ, _ANS = struct.Struct("<c16sQ"), struct.Struct("<Q")
 
     def __init__(self, fd: int):
         self.fd, self._lock = fd, threading.Lock()
@@ -125,18 +126,18 @@ class FdWitness:
     def _ask(self, op: bytes, disk_id: bytes, generation: int = 0) -> int:
         with self._lock:
             try:
-                os.write(self.fd, self._REQ.pack(op, disk_id, generation))
+                os.write(self.fd, W.REQUEST.pack(op, disk_id, generation))
                 got = b""
-                while len(got) < self._ANS.size:
-                    chunk = os.read(self.fd, self._ANS.size - len(got))
+                while len(got) < W.ANSWER.size:
+                    chunk = os.read(self.fd, W.ANSWER.size - len(got))
                     if not chunk:
                         break
                     got += chunk
             except OSError as e:
                 raise DiskError(f"the launcher's generation witness failed: {e}") from None
-        if len(got) != self._ANS.size:
+        if len(got) != W.ANSWER.size:
             raise DiskError("the launcher's generation witness is gone")
-        return self._ANS.unpack(got)[0]
+        return W.ANSWER.unpack(got)[0]
 
     def read(self, disk_id: bytes) -> int:
         return self._ask(b"R", disk_id)

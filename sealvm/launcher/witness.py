@@ -18,8 +18,8 @@ swtpm's NV state too (it is a host file); a hardware TPM's counter it cannot.
 The record is per host: a disk that moves hosts is protected by the migration
 stream's generation floor and the owner's record.
 
-Requests (little-endian, fixed size): op 'R' or 'A' | disk id 16 | generation u64.
-Answer: the recorded generation u64 (after an 'A', at least the one asked for).
+Messages: sealvm/wire/witness.py (after an 'A', the answer is at least the generation
+asked for).
 """
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ import struct
 import threading
 from pathlib import Path
 
-REQUEST = struct.Struct("<c16sQ")
-ANSWER = struct.Struct("<Q")
+from ..wire.witness import ANSWER, REQUEST
 
 
 class Store:
