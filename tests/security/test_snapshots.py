@@ -361,8 +361,8 @@ def test_the_old_copy_cannot_write_the_disk_after_a_restore(world, lax_disk_host
         image=str(guest_image("blkbench")), name=f"dfa{tag}", memory_mib=64, cmdline=DISK_LOAD,
         start=True, manifest=manifest, broker=w["url"], disk=str(disk)))
     assert r.status_code == 201, r.text
-    wait = (lambda vm, pat, t=60: wait_for(dict(w, hostd=host), vm, pat, t))
-    wait(f"dfa{tag}", "blkbench seqwrite")
+    hw = dict(w, hostd=host)                     # the owner's world, on this daemon
+    wait_for(hw, f"dfa{tag}", "blkbench seqwrite", 60)
     out = Path(tempfile.mkdtemp(dir=w["base"]))
     shutil.chown(out, 63970, 63970)
     snap = host.cli("snapshot", f"dfa{tag}", "--output", str(out / "s.svs"))
@@ -371,16 +371,15 @@ def test_the_old_copy_cannot_write_the_disk_after_a_restore(world, lax_disk_host
         snapshot=str(out / "s.svs"), name=f"dfb{tag}", manifest=manifest, broker=w["url"],
         start=True, disk=str(disk)))
     assert r.status_code == 201, r.text
-    b = wait(f"dfb{tag}", r"blkbench done errors=(\d+) mismatches=(\d+)", 120)
-    a = wait(f"dfa{tag}", r"blkbench done errors=(\d+) mismatches=(\d+)", 120)
+    b = wait_for(hw, f"dfb{tag}", r"blkbench done errors=(\d+) mismatches=(\d+)", 120)
+    a = wait_for(hw, f"dfa{tag}", r"blkbench done errors=(\d+) mismatches=(\d+)", 120)
     log = (host.state / "vms" / f"dfa{tag}" / "core.log").read_text(errors="replace")
     if fencing:
-        assert b.groups() == ("0", "0"), console(dict(w, hostd=host), f"dfb{tag}")[-1500:]
-        assert "ioerr op=write" in console(dict(w, hostd=host), f"dfa{tag}")
+        assert b.groups() == ("0", "0"), console(hw, f"dfb{tag}")[-1500:]
+        assert "ioerr op=write" in console(hw, f"dfa{tag}")
         assert int(a.group(1)) > 0 and "fenced" in log, log[-2000:]
     else:       # the old copy went on writing to the disk B owns: each damages the other
-        assert re.search(r"blkbench randwrite .* errors=0 ", console(dict(w, hostd=host),
-                                                                   f"dfa{tag}"))
+        assert re.search(r"blkbench randwrite .* errors=0 ", console(hw, f"dfa{tag}"))
         assert "fenced" not in log
         logs = log + (host.state / "vms" / f"dfb{tag}" / "core.log").read_text(errors="replace")
         assert "TAMPERING DETECTED" in logs
