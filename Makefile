@@ -60,8 +60,10 @@ bench: deps venv guests
 tcb: deps venv guests
 	$(PY) -m sealvm.tools.tcb --check --json bench/results/tcb.json
 
+# Every attack test (tests/security and the fleet's attacks) against running systems; the
+# table of what was tried and what happened goes to docs/security.md (and .json).
 security: deps venv guests
-	$(PY) -m pytest -q tests/security
+	SEALVM_SECURITY_REPORT=docs/security.md $(PY) -m pytest -q tests/security tests/fleet
 
 # Coverage-guided fuzzing (atheris/libFuzzer, from the dev extra) of every parser that
 # reads untrusted bytes: each target runs FUZZ_SECONDS, then the results (execs/s,

@@ -17,7 +17,8 @@
  *   check=0|1   verify every read (default 1)
  *   flush=0|1   FLUSH after each write phase (default 1)
  *   canary=1    every unit starts with the text "SEALVM-CANARY-" (tests search the
- *               host's files for it)
+ *               host's files for it); canary=rand: followed by 16 random hex digits
+ *               drawn once per run (a canary the guest's image does not contain)
  *   indirect=1  one indirect descriptor per request (VIRTIO_F_INDIRECT_DESC)
  *
  * Output: blkbench device=0x.. queue=Q qd=N bs=B size=S
@@ -87,7 +88,8 @@ static u64 mix(u64 x)
     return x ^ (x >> 33);
 }
 
-static const char CANARY[] = "SEALVM-CANARY-";
+static char CANARY[] = "SEALVM-CANARY-................";
+static u32 canary_len = 14;
 
 static void fill_unit(u64 *p, u64 unit)
 {
@@ -97,7 +99,7 @@ static void fill_unit(u64 *p, u64 unit)
         p[i] = x;
     }
     if (canary)
-        memcpy(p, CANARY, sizeof(CANARY) - 1);
+        memcpy(p, CANARY, canary_len);
 }
 
 static u64 expect_buf[UNIT / 8];
@@ -282,7 +284,16 @@ int main(void)
     qd = (u32)param_u64("qd", 1);
     seed = param_u64("seed", 1);
     do_check = param_u64("check", 1) != 0;
-    canary = param_u64("canary", 0) != 0;
+    u64 clen;
+    const char *cv = param_str("canary", &clen);
+    canary = cv && !(clen == 1 && cv[0] == '0');
+    if (cv && clen == 4 && memcmp(cv, "rand", 4) == 0) {
+        if (!random_hex(CANARY + 14, 8)) {
+            puts("blkbench error: canary=rand needs RDRAND");
+            return 2;
+        }
+        canary_len = 30;
+    }
     use_indirect = param_u64("indirect", 0) != 0;
     timeout = cycles_from_usecs(param_u64("timeout", 30) * 1000000);
     if (bs == 0 || bs % UNIT || bs > MAX_BS || qd == 0 || qd > MAX_QD) {

@@ -16,17 +16,6 @@
 
 #define CANARY_BASE 0x200000ULL
 
-static bool rdrand64(u64 *out)
-{
-    for (int i = 0; i < 32; i++) {
-        u8 ok;
-        __asm__ volatile("rdrand %0; setc %1" : "=r"(*out), "=qm"(ok));
-        if (ok)
-            return true;
-    }
-    return false;
-}
-
 int main(void)
 {
     u64 mib = param_u64("mib", 16), secs = param_u64("secs", 30);

@@ -711,3 +711,28 @@ void spin_unlock(struct spinlock *l)
 {
     __atomic_store_n(&l->v, 0, __ATOMIC_RELEASE);
 }
+
+bool rdrand64(u64 *out)
+{
+    for (int i = 0; i < 32; i++) {
+        u8 ok;
+        __asm__ volatile("rdrand %0; setc %1" : "=r"(*out), "=qm"(ok));
+        if (ok)
+            return true;
+    }
+    return false;
+}
+
+bool random_hex(char *out, u32 n)
+{
+    static const char digits[] = "0123456789abcdef";
+    u64 r = 0;
+    for (u32 i = 0; i < n; i++) {
+        if (i % 8 == 0 && !rdrand64(&r))
+            return false;
+        out[2 * i] = digits[(r >> 4) & 15];
+        out[2 * i + 1] = digits[r & 15];
+        r >>= 8;
+    }
+    return true;
+}

@@ -109,6 +109,13 @@ extern char _end[];             /* end of the loaded image (linker) */
 void idle_wait(u32 usecs);
 u64 cycles_from_usecs(u64 usecs);
 
+/* 64 random bits from the CPU (RDRAND, retried): nothing the host relays.  False if
+ * the CPU never gave any. */
+bool rdrand64(u64 *out);
+/* A secret only the guest knows: `n` random bytes as 2n lowercase hex digits in out
+ * (no terminator).  False without RDRAND. */
+bool random_hex(char *out, u32 n);
+
 /* ------------------------------------------------------------------ misc */
 void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);

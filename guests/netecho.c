@@ -13,7 +13,8 @@
  *   stream=P       UDP stream port (default 9)
  *   peer=A.B.C.D   where the canary goes (default 10.77.0.1)
  *   canary=TEXT    if given: every second, a UDP datagram "CANARY:TEXT" from the
- *                  echo port to peer:7777 (ARP-resolved first)
+ *                  echo port to peer:7777 (ARP-resolved first); canary=rand: TEXT is
+ *                  32 random hex digits drawn at start (only the guest knows them)
  *   secs=S         run time in seconds (default 0 = until stopped)
  *   spin=1         never park on the idle doorbell while waiting (lower latency,
  *                  one host CPU busy all the time, as under QEMU)
@@ -385,6 +386,15 @@ int main(void)
     u64 len;
     const char *canary = param_str("canary", &len);
     u64 canary_len = canary ? len : 0;
+    static char secret[32];
+    if (canary_len == 4 && memcmp(canary, "rand", 4) == 0) {
+        if (!random_hex(secret, 16)) {
+            puts("netecho error: canary=rand needs RDRAND");
+            return 2;
+        }
+        canary = secret;
+        canary_len = sizeof(secret);
+    }
     u64 secs = param_u64("secs", 0);
     bool spin = param_u64("spin", 0) != 0;
     echo_port = param_u64("echo", 7);

@@ -62,3 +62,8 @@ def sealvm(*args: str, timeout: float = 120, input: bytes | None = None,
 
 def pytest_report_header(config):
     return [f"/dev/kvm: {'present' if HAVE_KVM else 'ABSENT - KVM tests will be skipped'}"]
+
+
+# The attack catalogue's markers and, with SEALVM_SECURITY_REPORT set, its table.
+from tests.security.catalog import (pytest_collection_modifyitems, pytest_configure,  # noqa: E402,F401
+                                    pytest_runtest_logreport, pytest_sessionfinish)

@@ -108,7 +108,9 @@ def spawn_core(vm_id: str, *, memory_mib: int, run_dir: str | os.PathLike, host_
     if not root and not insecure_same_uid:
         raise LaunchError("the launcher needs root to give each VM its own uid "
                           "(use --insecure-dev to run every core under your own uid)")
-    uid = pick_uid(uid_range, reserved_uids) if root and not insecure_same_uid else os.getuid()
+    # as root, a same-uid core shares the daemon's uid (never root's); otherwise our own
+    uid = (host_uid if insecure_same_uid else pick_uid(uid_range, reserved_uids)) if root \
+        else os.getuid()
     if force_uid is not None:
         uid = force_uid
     vm_dir = Path(run_dir) / "vms"

@@ -18,7 +18,7 @@ HOST_UID = 63970
 
 
 class Hostd:
-    def __init__(self, base: Path, uid_range: str):
+    def __init__(self, base: Path, uid_range: str, extra: tuple[str, ...] = ()):
         self.base = base
         self.state = base / "state"
         self.run = base / "run"
@@ -26,7 +26,8 @@ class Hostd:
         self.log = open(base / "hostd.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sealvm.cli", "hostd", f"--state-dir={self.state}",
-             f"--run-dir={self.run}", f"--host-uid={HOST_UID}", f"--uid-range={uid_range}"],
+             f"--run-dir={self.run}", f"--host-uid={HOST_UID}", f"--uid-range={uid_range}",
+             *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()
 

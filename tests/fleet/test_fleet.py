@@ -117,6 +117,7 @@ def repair(f, name: str) -> None:
     f.wait_all_trusted(30)
 
 
+@pytest.mark.functional('a clean fleet')
 def test_clean_fleet_is_trusted_places_vms_and_reports_status(fleet):
     f = fleet
     assert set(f.verdicts().values()) == {"trusted"}
@@ -156,6 +157,11 @@ def changed_file_is_detected(f, monkeypatch, path_of, addition: str, reason_text
     repair(f, suspect)
 
 
+@pytest.mark.attack(adversary='fleet host', asset='fleet',
+                    technique="patch the host daemon's code",
+                    defence='fleet appraisal: code measurements',
+                    outcome="host failed 'code differs'; its VMs live-migrate away",
+                    control='inline')
 def test_changed_code_is_detected_and_the_vms_live_migrate(fleet, monkeypatch):
     def nothing_new_goes_there(suspect):
         for n in ("v-after-1", "v-after-2"):
@@ -166,11 +172,21 @@ def test_changed_code_is_detected_and_the_vms_live_migrate(fleet, monkeypatch):
                              then=nothing_new_goes_there)
 
 
+@pytest.mark.attack(adversary='fleet host', asset='fleet',
+                    technique="change the host's config to insecure-dev",
+                    defence='fleet appraisal: config',
+                    outcome="host failed 'config differs'; VMs migrate",
+                    control='inline')
 def test_changed_config_is_detected_and_the_vms_live_migrate(fleet, monkeypatch):
     changed_file_is_detected(fleet, monkeypatch, lambda h: h.config, "insecure-dev=1\n",
                              "config differs", "config")
 
 
+@pytest.mark.attack(adversary='fleet host', asset='fleet',
+                    technique='ptrace a core on the host',
+                    defence='fleet appraisal: tracer check',
+                    outcome="host failed 'traced by pid'; VMs restored elsewhere, old copy fenced",
+                    control='inline')
 def test_traced_core_is_restored_from_its_sealed_snapshot_and_the_old_copy_fenced(
         fleet, monkeypatch):
     f = fleet
@@ -205,6 +221,7 @@ def test_traced_core_is_restored_from_its_sealed_snapshot_and_the_old_copy_fence
     repair(f, suspect)
 
 
+@pytest.mark.functional('a silent host goes missing')
 def test_stopped_agent_goes_missing_and_its_vms_leave(fleet):
     f = fleet
     suspect = host_with_vms(f)
@@ -216,6 +233,11 @@ def test_stopped_agent_goes_missing_and_its_vms_leave(fleet):
     f.wait(lambda: f.verdicts()[suspect] == "trusted", 20, f"{suspect} back")
 
 
+@pytest.mark.attack(adversary='fleet host', asset='fleet',
+                    technique='replay old clean evidence from the host',
+                    defence='nonce + age checks',
+                    outcome="host failed 'nonce'; VMs migrate",
+                    control='inline')
 def test_agent_replaying_old_evidence_is_failed(fleet, monkeypatch):
     f = fleet
     suspect = host_with_vms(f)
@@ -246,6 +268,11 @@ def test_agent_replaying_old_evidence_is_failed(fleet, monkeypatch):
     repair(f, suspect)
 
 
+@pytest.mark.attack(adversary='fleet host', asset='fleet',
+                    technique='answer with an agent key that is not enrolled',
+                    defence='enrolled agent keys',
+                    outcome="host failed 'signature'",
+                    control='inline')
 def test_agent_with_a_key_that_is_not_enrolled_is_failed(fleet, monkeypatch):
     """A replaced agent (same host, same TPM, golden measurements) signs with a key the
     controller never enrolled: its evidence is refused."""
@@ -270,6 +297,11 @@ def test_agent_with_a_key_that_is_not_enrolled_is_failed(fleet, monkeypatch):
     repair(f, suspect)
 
 
+@pytest.mark.attack(adversary='fleet host', asset='fleet',
+                    technique='post a forged failure report about a clean host',
+                    defence='report-signature',
+                    outcome='403; the host stays trusted',
+                    control='inline')
 def test_forged_report_cannot_frame_a_trusted_host(fleet):
     """Anyone may post to the controller; a report that a host failed must come from
     that host's neighbour's enrolled key. Control: a controller with that check off

@@ -197,6 +197,26 @@ def attack_open_memfd(pid: int, fd: int, size: int) -> bytes:
         return f.read(size)
 
 
+SYS_pidfd_getfd = 438
+
+
+def attack_pidfd_getfd(pid: int, fd: int, size: int) -> bytes:
+    """Duplicate the core's RAM memfd into this process (pidfd_getfd(2), which needs
+    ptrace access to the core) and read guest RAM through the copy."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc.syscall.restype = ctypes.c_long
+        got = libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0)
+        if got < 0:
+            raise PermissionError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        try:
+            return os.pread(got, size, 0x200000)
+        finally:
+            os.close(got)
+    finally:
+        os.close(pidfd)
+
+
 def attack_signal(pid: int, sig: int) -> str:
     os.kill(pid, sig)
     return "delivered"

@@ -22,6 +22,8 @@ from tests.conftest import ROOT, guest_image, poll
 from tests.e2e.conftest import Hostd
 from tests.security.harness import start_broker
 
+# what stays with the owner when a VM's directory is published: its keys, the broker's state
+PRIVATE = shutil.ignore_patterns("keys.json", "generation*", "*.lock")
 MEMTOUCH = "mib=8 secs=0 rate=2000"
 BLKBENCH = "tests=seqwrite,sleep,seqread sleep_ms=5000 qd=4 count=64 seed=7"
 DISK_LOAD = "tests=seqwrite,randwrite,seqread qd=8 count=40000 seed=11"
@@ -54,7 +56,7 @@ def world():
         assert cli("owner", "policy", "--dir", str(owner), "add", kind, value).returncode == 0
     public = base / "public"          # what the owner publishes: manifests and public keys
     for name in ("snap", "secret", "dsk", "dskload", "netvm", "netc"):
-        shutil.copytree(owner / "vms" / name, public / "vms" / name)
+        shutil.copytree(owner / "vms" / name, public / "vms" / name, ignore=PRIVATE)
     shutil.copy(owner / "owner.pub.json", public / "owner.pub.json")
     for p in [public, *public.rglob("*")]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
@@ -71,6 +73,16 @@ def world():
         b.wait(10)
     if not os.environ.get("SEALVM_KEEP_TEST_DIRS"):
         shutil.rmtree(base, ignore_errors=True)
+
+
+def publish(w, name: str, guest: str, cmdline: str, devices: str) -> None:
+    """The owner signs one more guest for the world and publishes its manifest."""
+    r = cli("owner", "sign", "--dir", str(w["owner"]), str(guest_image(guest)), "--name", name,
+            "--cmdline", cmdline, "--memory", "64", "--devices", devices)
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(w["owner"] / "vms" / name, w["public"] / "vms" / name, ignore=PRIVATE)
+    for q in [w["public"] / "vms" / name, *(w["public"] / "vms" / name).rglob("*")]:
+        os.chmod(q, 0o755 if q.is_dir() else 0o644)
 
 
 def create(w, name: str, guest: str, cmdline: str, vm_id: str, broker: str | None = None) -> str:

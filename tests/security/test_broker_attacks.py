@@ -205,6 +205,7 @@ def stolen_by(key: X25519PrivateKey, nonce: bytes, owner: Owner):
 
 # ---- the baseline: a genuine core gets its keys --------------------------------------------
 
+@pytest.mark.functional('baseline: a genuine core gets its keys')
 def test_genuine_core_gets_its_keys_through_the_preboot_client(owner, broker):
     core = owner.core()
     seen = {}
@@ -221,6 +222,7 @@ def test_genuine_core_gets_its_keys_through_the_preboot_client(owner, broker):
     assert "wrapped" not in line and owner.keys.decode() not in json.dumps(line)
 
 
+@pytest.mark.functional("the preboot client reports the broker's refusal")
 def test_client_raises_the_brokers_reason(owner, broker):
     with pytest.raises(client.BrokerRefused, match="evidence signature does not verify"):
         client.attest(broker.url, VM, lambda n: (owner.core().evidence(n)[0], bytes(64)))
@@ -230,6 +232,11 @@ def test_client_raises_the_brokers_reason(owner, broker):
 
 # ---- nonces: the attacker later got an old core's ephemeral key (from its memory, say) -----
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique='replay evidence captured more than 60 s earlier',
+                    defence='nonce_fresh',
+                    outcome="403 'nonce expired'; no key released",
+                    control='inline')
 def test_replayed_old_nonce_is_refused(owner, broker_without):
     """Evidence captured and held back past the nonce's 60 s, then sent."""
     clock = Clock()
@@ -248,6 +255,11 @@ def test_replayed_old_nonce_is_refused(owner, broker_without):
         defended.close()
 
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique='send the same evidence twice (nonce reuse)',
+                    defence='nonce_once',
+                    outcome="403 'nonce already used'",
+                    control='inline')
 def test_nonce_used_twice_is_refused(owner, broker, broker_without):
     def attack(b):
         core = owner.core()
@@ -258,6 +270,11 @@ def test_nonce_used_twice_is_refused(owner, broker, broker_without):
     paired(owner, broker, broker_without("nonce_once"), attack, "nonce already used")
 
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique='reuse a spent nonce after the broker restarts',
+                    defence='nonce journal in broker.log',
+                    outcome="403 'nonce already used'; an unused pre-restart nonce still works",
+                    control='inline', baseline=True)
 def test_a_restart_does_not_reopen_a_spent_nonce(owner):
     b = Broker(owner.dir)
     core, waiting = owner.core(), owner.core()
@@ -277,6 +294,11 @@ def test_a_restart_does_not_reopen_a_spent_nonce(owner):
 
 # ---- who signed, and what code -------------------------------------------------------------
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique='evidence from a patched core (different measurement)',
+                    defence='core_measurement',
+                    outcome="403 'core measurement ... is not in policy'",
+                    control='inline')
 def test_evidence_from_a_different_core_measurement_is_refused(owner, broker, broker_without):
     code = (*CODE[:1], ("core-file", "sealvm/core/main.py", b"core main, patched"), *CODE[2:])
     patched = A.core_measurement(owner.core(code=code).log).hex()
@@ -289,6 +311,11 @@ def test_evidence_from_a_different_core_measurement_is_refused(owner, broker, br
            f"core measurement {patched} is not in policy core_measurements")
 
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique="genuine log with the impostor's own ephemeral key, signed by another key",
+                    defence='ak_sig',
+                    outcome="403 'evidence signature does not verify'",
+                    control='inline')
 def test_forged_evidence_signature_is_refused(owner, broker, broker_without):
     """An impostor replays a genuine core's log, AK and host signature with its own key."""
     genuine = owner.core()
@@ -305,6 +332,11 @@ def test_forged_evidence_signature_is_refused(owner, broker, broker_without):
            "evidence signature does not verify with ak_pub")
 
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique='a rogue launcher key vouching for the trusted core',
+                    defence='root_trust',
+                    outcome="403 'host key ... is not in policy trusted_hosts'",
+                    control='inline')
 def test_host_key_not_in_policy_is_refused(owner, broker, broker_without):
     """The attacker's own launcher key vouches for a log claiming the trusted core."""
     rogue = Ed25519PrivateKey.generate()
@@ -318,6 +350,11 @@ def test_host_key_not_in_policy_is_refused(owner, broker, broker_without):
            "trusted_hosts")
 
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique='claim the trusted host key over a log it never signed',
+                    defence='root_sig',
+                    outcome="403 'log signature does not verify'",
+                    control='inline')
 def test_log_signature_not_by_the_trusted_host_is_refused(owner, broker, broker_without):
     """The evidence names the trusted host key, but the host never signed this log."""
     def attack(b):
@@ -333,6 +370,11 @@ def test_log_signature_not_by_the_trusted_host_is_refused(owner, broker, broker_
 
 # ---- a man in the middle ---------------------------------------------------------------------
 
+@pytest.mark.attack(adversary='host daemon', asset='attestation',
+                    technique="man in the middle swaps the core's ephemeral key",
+                    defence='ak_sig',
+                    outcome='403; the real core cannot open a release made for another key',
+                    control='inline')
 def test_mitm_swapping_the_ephemeral_key_is_refused(owner, broker, broker_without):
     def attack(b):
         core, attacker = owner.core(), X25519PrivateKey.generate()
@@ -351,6 +393,11 @@ def test_mitm_swapping_the_ephemeral_key_is_refused(owner, broker, broker_withou
            "evidence signature does not verify with ak_pub")
 
 
+@pytest.mark.attack(adversary='host daemon', asset='attestation',
+                    technique="swap the broker's wrapped keys (attacker-sealed, other session, bit flip)",
+                    defence='owner binding of the wrap (HPKE-style auth)',
+                    outcome="the core refuses each blob: 'do not open'",
+                    control='inline')
 def test_mitm_swapping_the_wrapped_keys_is_caught_by_the_core(owner, broker):
     """The broker's answer travels through the host: the core must notice a swap."""
     core = owner.core()
@@ -380,6 +427,11 @@ def test_mitm_swapping_the_wrapped_keys_is_caught_by_the_core(owner, broker):
 
 # ---- the guest the core would boot ---------------------------------------------------------
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique='evidence for a different guest image or command line',
+                    defence='manifest',
+                    outcome="403 'manifest mismatch: <item>'",
+                    control='inline', variants='item')
 @pytest.mark.parametrize("change, item", [
     ({"image": IMAGE + b"\x90 backdoor"}, "image_sha256"),
     ({"cmdline": CMDLINE + " init=/bin/sh"}, "cmdline")])
@@ -393,6 +445,11 @@ def test_manifest_mismatch_is_refused(owner, broker, broker_without, change, ite
     paired(owner, broker, broker_without("manifest"), attack, f"manifest mismatch: {item}: signed ")
 
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='attestation',
+                    technique='software-root evidence where the owner requires a TPM',
+                    defence='require_tpm',
+                    outcome="403 'policy requires a TPM root'",
+                    control='inline')
 def test_require_tpm_refuses_a_software_root(owner, broker, broker_without):
     def attack(b):
         core = owner.core()

@@ -14,9 +14,10 @@ import signal
 import pytest
 
 from tests.conftest import needs_kvm
-from tests.security.harness import (ATTACKER_UID, as_uid, attack_open_memfd, attack_proc_mem,
-                                    attack_process_vm_readv, attack_ptrace, attack_signal,
-                                    search_process_memory, search_readable, start_core)
+from tests.security.harness import (ATTACKER_UID, as_uid, attack_open_memfd, attack_pidfd_getfd,
+                                    attack_proc_mem, attack_process_vm_readv, attack_ptrace,
+                                    attack_signal, search_process_memory, search_readable,
+                                    start_core)
 
 pytestmark = needs_kvm
 
@@ -50,6 +51,7 @@ def _memory_attacks(core):
         "proc-pid-mem": (attack_proc_mem, (core.pid, ram, 16)),
         "process_vm_readv": (attack_process_vm_readv, (core.pid, ram, 16)),
         "open-memfd-via-proc-fd": (attack_open_memfd, (core.pid, fd, 16)),
+        "pidfd_getfd-memfd": (attack_pidfd_getfd, (core.pid, fd, 16)),
     }
 
 
@@ -60,9 +62,15 @@ def _succeeded(result, secret: bytes) -> bool:
     return value == "attached" or (isinstance(value, bytes) and secret in value)
 
 
-ATTACKS = ["ptrace-attach", "proc-pid-mem", "process_vm_readv", "open-memfd-via-proc-fd"]
+ATTACKS = ["ptrace-attach", "proc-pid-mem", "process_vm_readv", "open-memfd-via-proc-fd",
+           "pidfd_getfd-memfd"]
 
 
+@pytest.mark.attack(adversary='host daemon', asset='guest memory',
+                    technique="read the core's guest RAM",
+                    defence='own uid per core + not dumpable',
+                    outcome='EPERM/EACCES for each; the VM keeps running',
+                    control='test_control_without_the_defences_the_attack_works', variants='attack')
 @pytest.mark.parametrize("attack", ATTACKS)
 @pytest.mark.parametrize("config", ["sealed", "own-uid-only", "not-dumpable-only"])
 def test_daemon_uid_cannot_reach_core_memory(cores, attack, config):
@@ -84,6 +92,11 @@ def test_control_without_the_defences_the_attack_works(cores, attack):
     assert _succeeded(result, secret), f"control {attack} should succeed: {result}"
 
 
+@pytest.mark.attack(adversary='host daemon', asset='vCPU state',
+                    technique='SIGSTOP/SIGKILL/SIGTERM/SIGUSR1 the core',
+                    defence='own uid per core',
+                    outcome='PermissionError; the VM keeps running',
+                    control='test_control_same_uid_core_can_be_signalled')
 def test_daemon_uid_cannot_signal_the_core(cores):
     for sig in (signal.SIGSTOP, signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1):
         kind, value = as_uid(ATTACKER_UID, attack_signal, cores["sealed"].pid, sig)
@@ -109,6 +122,11 @@ def _canary_hits(core):
     return as_uid(ATTACKER_UID, search, timeout=120)
 
 
+@pytest.mark.attack(adversary='host daemon', asset='guest memory',
+                    technique="search every file and process memory the daemon uid can read for the guest's secret",
+                    defence='own uid + not dumpable + memfd not shared',
+                    outcome='zero occurrences',
+                    control='test_control_guest_secret_found_without_the_defences')
 def test_guest_secret_is_nowhere_the_daemon_uid_can_read(cores):
     kind, hits = _canary_hits(cores["sealed"])
     assert kind == "ok" and hits == [], hits

@@ -79,6 +79,11 @@ def stale(d: Disk, block: int) -> None:
     d.write_at(d.slot_offset(block), d.read_slot(d.slot_offset(block, "older")))
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique='flip one byte of a block',
+                    defence='disk_integrity',
+                    outcome="the guest gets an I/O error for that block; the core names it 'altered'",
+                    control='self:disable')
 @pytest.mark.parametrize("disable", ["", "disk_integrity"])
 def test_flipped_byte(disk, disable):
     flip(disk, 5)
@@ -86,6 +91,11 @@ def test_flipped_byte(disk, disable):
     detected(r, {5}, "altered") if not disable else undetected(r)
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique='swap two blocks',
+                    defence='disk_integrity',
+                    outcome="I/O errors for both blocks, named 'swapped'",
+                    control='self:disable')
 @pytest.mark.parametrize("disable", ["", "disk_integrity"])
 def test_swapped_blocks(disk, disable):
     swap(disk, 10, 20)
@@ -93,6 +103,11 @@ def test_swapped_blocks(disk, disable):
     detected(r, {10, 20}, "swapped") if not disable else undetected(r)
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique='put back an older version of one block',
+                    defence='disk_integrity',
+                    outcome="I/O error, named 'stale'",
+                    control='self:disable')
 @pytest.mark.parametrize("disable", ["", "disk_integrity"])
 def test_older_version_of_one_block(disk, disable):
     stale(disk, 33)
@@ -114,6 +129,11 @@ def attack_while_running(d: Disk, attack, disable: str = "", seed: int = 3):
     return subprocess.CompletedProcess(p.args, p.returncode, b"".join(lines) + out, err)
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique='restore the whole file from an earlier copy while the VM runs',
+                    defence='disk_integrity',
+                    outcome="every restored block refused as 'stale'; the VM keeps running",
+                    control='self:disable')
 @pytest.mark.parametrize("disable", ["", "disk_integrity"])
 def test_restore_every_host_file_from_an_earlier_copy_while_running(disk, tmp_path, disable):
     copy = tmp_path / "earlier.img"
@@ -129,6 +149,11 @@ def test_restore_every_host_file_from_an_earlier_copy_while_running(disk, tmp_pa
         detected(r, set(range(N)), "stale")   # version 3 went where version 1 was
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique='truncate the disk file while the VM runs',
+                    defence='disk_integrity',
+                    outcome="'missing' blocks refused; the next start refused 'truncated'",
+                    control='self:disable')
 @pytest.mark.parametrize("disable", ["", "disk_integrity"])
 def test_truncated_file_while_running(disk, disable):
     keep = disk.slot_offset(N // 2, "older")   # where block 32's new version goes
@@ -150,6 +175,11 @@ def test_truncated_file_while_running(disk, disable):
     assert r.returncode == 125 and "truncated" in r.stderr.decode()
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique='extend the disk file',
+                    defence='disk_integrity',
+                    outcome="refused at start: 'extended' (exit 125)",
+                    control='self:disable')
 @pytest.mark.parametrize("disable", ["", "disk_integrity"])
 def test_extended_file_is_refused_at_start(disk, disable):
     with open(disk.path, "ab") as f:
@@ -161,6 +191,11 @@ def test_extended_file_is_refused_at_start(disk, disable):
         assert r.returncode == 125 and "extended" in r.stderr.decode()
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique='roll back every file the daemon uid can write between two runs',
+                    defence='disk_witness',
+                    outcome="refused at open: 'rollback'",
+                    control='self:disable')
 @pytest.mark.parametrize("disable", ["", "disk_witness"])
 def test_rollback_of_everything_between_runs(disk, tmp_path, disable):
     """The host copies every file it can write (the image holds both metadata copies;
@@ -188,6 +223,11 @@ def test_rollback_of_everything_between_runs(disk, tmp_path, disable):
     assert v.returncode == 1 and "rollback" in v.stderr.decode()
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique='search the disk file for a canary the guest wrote',
+                    defence='disk sealing (AES-GCM per block)',
+                    outcome='zero occurrences',
+                    control='inline')
 def test_canary_written_by_the_guest_is_never_in_the_host_file(disk, tmp_path):
     r = disk.run(f"tests=seqwrite,seqread canary=1 check=0 qd=8 count={N} seed=4")
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()

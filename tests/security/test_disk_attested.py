@@ -64,12 +64,22 @@ def test_control_the_owners_disk_gets_its_key_and_keeps_the_data(owner):
     assert all(data[u * 4096:(u + 1) * 4096] == pattern(11, u) for u in range(32))
 
 
+@pytest.mark.attack(adversary='host storage', asset='sealed disk',
+                    technique="hand over another VM's sealed disk",
+                    defence='per-VM disk key from the broker',
+                    outcome="refused at start: 'superblock MAC does not verify'",
+                    control='test_control_the_owners_disk_gets_its_key_and_keeps_the_data', baseline=True)
 def test_another_vms_disk_is_refused(owner):
     r = run(owner, "--disk", str(owner["disks"]["other"]))
     assert r.returncode == 125 and "disk refused" in r.stderr, r.stderr
     assert "superblock MAC does not verify" in r.stderr
 
 
+@pytest.mark.attack(adversary='host daemon', asset='sealed disk',
+                    technique='start the VM without the disk the manifest names',
+                    defence='devices in the measured manifest',
+                    outcome='refused at start: devices signed vs measured',
+                    control='test_control_the_owners_disk_gets_its_key_and_keeps_the_data', baseline=True)
 def test_a_withheld_disk_is_refused(owner):
     r = run(owner)
     assert r.returncode == 125, r.stderr

@@ -68,6 +68,11 @@ def test_control_the_genuine_vm_gets_its_keys(owner):
     assert broker_log(owner)[-1]["event"] == "release"
 
 
+@pytest.mark.attack(adversary='host operator', asset='launcher',
+                    technique="boot an altered guest image under the owner's manifest",
+                    defence='manifest check at the broker',
+                    outcome="no keys (exit 125): 'image_sha256: signed ...'",
+                    control='test_control_the_genuine_vm_gets_its_keys', baseline=True)
 def test_altered_guest_image_is_refused(owner, tmp_path):
     image = tmp_path / "hello.elf"
     data = bytearray(guest_image("hello").read_bytes())
@@ -78,12 +83,22 @@ def test_altered_guest_image_is_refused(owner, tmp_path):
     assert "image_sha256: signed" in r.stderr
 
 
+@pytest.mark.attack(adversary='host operator', asset='launcher',
+                    technique='boot with another command line',
+                    defence='manifest check at the broker',
+                    outcome="no keys: 'cmdline: signed ..., measured ...'",
+                    control='test_control_the_genuine_vm_gets_its_keys', baseline=True)
 def test_altered_command_line_is_refused(owner):
     r = run_vm(owner, cmdline="greeting=intruder")
     assert r.returncode == 125 and not released(r)
     assert "cmdline: signed 'greeting=owner', measured 'greeting=intruder'" in r.stderr
 
 
+@pytest.mark.attack(adversary='host operator', asset='launcher',
+                    technique='edit the manifest, unsigned or with a forged signature',
+                    defence='owner signature on the manifest',
+                    outcome="'owner manifest refused' (exit 125)",
+                    control='test_control_the_genuine_vm_gets_its_keys', baseline=True, variants=True)
 @pytest.mark.parametrize("how", ["unsigned", "forged"])
 def test_manifest_without_the_owners_signature_is_refused(owner, tmp_path, how):
     d = tmp_path / "vms" / "demo"
@@ -128,11 +143,17 @@ def forge_pyc(tree: Path, module: str) -> Path:
     return pyc
 
 
+@pytest.mark.functional('baseline: an unaltered copy of the core measures the same')
 def test_control_an_unaltered_copy_of_the_project_measures_the_same(owner, project_copy):
     assert json.loads(cli("measure", cwd=project_copy).stdout)["core_measurement"] == \
         owner["measurement"]
 
 
+@pytest.mark.attack(adversary='host operator', asset='launcher',
+                    technique="alter the core's code (.py or a forged .pyc)",
+                    defence='launcher measures core sources and bytecode',
+                    outcome='a different core measurement: no keys',
+                    control='test_control_forged_bytecode_runs_when_only_the_header_is_checked', variants=True)
 @pytest.mark.parametrize("what", ["pyc", "py"])
 def test_altered_core_code_fails_attestation(owner, project_copy, what):
     tree = world_readable_dir()
@@ -166,6 +187,7 @@ def test_control_forged_bytecode_runs_when_only_the_header_is_checked(project_co
     assert r.stdout.strip() == "True", r.stderr
 
 
+@pytest.mark.functional('the attested path through the host daemon')
 def test_daemon_boots_an_attested_vm_and_refuses_an_unsigned_one(owner, tmp_path):
     """The same flow through `sealvm hostd` and `sealvm vm create --manifest`."""
     from tests.e2e.conftest import Hostd
@@ -217,6 +239,11 @@ def env_with_python(tamper: bool) -> Path:
     return venv
 
 
+@pytest.mark.attack(adversary='host operator', asset='launcher',
+                    technique='replace the Python interpreter',
+                    defence='launcher measures the interpreter',
+                    outcome='a different measurement: no keys',
+                    control='self:tamper=control-copy', baseline=True)
 @needs_venv
 @pytest.mark.parametrize("tamper", [True, False], ids=["altered-interpreter", "control-copy"])
 def test_altered_interpreter_fails_attestation(owner, tamper):
@@ -234,6 +261,11 @@ def test_altered_interpreter_fails_attestation(owner, tamper):
         assert released(r), r.stderr
 
 
+@pytest.mark.attack(adversary='host operator', asset='launcher',
+                    technique="add a .pth file to the core's environment",
+                    defence='launcher measures site-packages .pth files',
+                    outcome='a different measurement: no keys',
+                    control='self:add_pth=control-none', baseline=True)
 @needs_venv
 @pytest.mark.parametrize("add_pth", [True, False], ids=["new-pth-file", "control-none"])
 def test_a_new_pth_file_in_the_environment_fails_attestation(owner, add_pth):

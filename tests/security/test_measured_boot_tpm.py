@@ -113,6 +113,7 @@ def refused(r, owner, reason: str) -> None:
     assert event["event"] == "refused" and reason in event["reason"], event
 
 
+@pytest.mark.functional('baseline: the genuine VM gets its keys with a TPM root')
 def test_control_the_genuine_vm_gets_its_keys_with_a_tpm_root(env, owner, tpms):
     r = run_vm(env, owner, tpm=tpms["trusted"])
     assert released(r, "tpm"), r.stderr
@@ -120,6 +121,11 @@ def test_control_the_genuine_vm_gets_its_keys_with_a_tpm_root(env, owner, tpms):
     assert event["event"] == "release" and event["root"].startswith("tpm"), event
 
 
+@pytest.mark.attack(adversary='host operator', asset='attestation',
+                    technique="launch without the host's TPM where the owner requires one",
+                    defence='require_tpm policy',
+                    outcome="refused: 'policy requires a TPM root'",
+                    control='test_control_without_require_tpm_the_software_root_is_released')
 def test_a_host_without_its_tpm_is_refused_when_the_owner_requires_one(env, owner):
     refused(run_vm(env, owner), owner, "policy requires a TPM root")
 
@@ -134,6 +140,11 @@ def test_control_without_require_tpm_the_software_root_is_released(env, owner):
     assert last_event(owner)["root"].startswith("software")
 
 
+@pytest.mark.attack(adversary='host operator', asset='attestation',
+                    technique='quote from a TPM the owner does not trust',
+                    defence='trusted TPM keys in policy',
+                    outcome="refused: 'tpm trust'",
+                    control='test_control_the_other_tpm_once_trusted_is_released')
 def test_a_tpm_the_owner_does_not_trust_is_refused(env, owner, tpms):
     refused(run_vm(env, owner, tpm=tpms["other"]), owner, "tpm trust")
 
@@ -147,6 +158,11 @@ def test_control_the_other_tpm_once_trusted_is_released(env, owner, tpms):
     assert released(r, "tpm"), r.stderr
 
 
+@pytest.mark.attack(adversary='host operator', asset='attestation',
+                    technique='extend the PCR beyond the measured log',
+                    defence='PCR digest replayed from the log',
+                    outcome="refused: 'tpm pcr-digest'",
+                    control='test_control_the_extend_switch_is_ignored_outside_test_mode', baseline=True, variants=True)
 @pytest.mark.parametrize("how", ["extra", "twice"])
 def test_a_pcr_extended_beyond_the_log_is_refused(env, owner, tpms, how):
     r = run_vm(env, owner, tpm=tpms["trusted"],
@@ -159,6 +175,7 @@ def test_control_the_extend_switch_is_ignored_outside_test_mode(env, owner, tpms
     assert released(r, "tpm"), r.stderr
 
 
+@pytest.mark.functional('two attested launches share one TPM')
 def test_concurrent_attested_launches_are_serialised_and_both_released(env, owner, tpms):
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: run_vm(env, owner, tpm=tpms["trusted"]), range(2)))
@@ -166,6 +183,7 @@ def test_concurrent_attested_launches_are_serialised_and_both_released(env, owne
         assert released(r, "tpm"), r.stderr
 
 
+@pytest.mark.functional('a bad SEALVM_TPM stops the launch with a clear error')
 @pytest.mark.parametrize("address, says", [("no-port-here", "SEALVM_TPM"),
                                            ("127.0.0.1:1", "cannot reach a TPM")])
 def test_a_bad_or_unreachable_tpm_stops_the_launch(env, owner, address, says):

@@ -126,6 +126,7 @@ def cleanup(w, b, *names):
         b["hostd"].api().delete(f"/v1/vms/{n}")
 
 
+@pytest.mark.functional('live migration works')
 def test_migrated_vm_keeps_running_and_the_old_copy_stops(world, host_b):
     w, b = world, host_b
     vm = create(w, "snap", "memtouch", MEMTOUCH, "mig-a", b["url"])
@@ -143,6 +144,7 @@ def test_migrated_vm_keeps_running_and_the_old_copy_stops(world, host_b):
     cleanup(w, b, "mig-a")
 
 
+@pytest.mark.functional('faults mid-stream: the VM stays on the source')
 @pytest.mark.parametrize("how", ["stream cut", "target core killed"])
 def test_failure_mid_stream_leaves_the_vm_running_on_the_source(world, host_b, how):
     w, b = world, host_b
@@ -166,6 +168,7 @@ def test_failure_mid_stream_leaves_the_vm_running_on_the_source(world, host_b, h
     cleanup(w, b, vm)
 
 
+@pytest.mark.functional('a dead source never starts a half VM')
 def test_source_killed_mid_stream_never_starts_the_target(world, host_b):
     """The source's core dies with half the VM sent: the target never has the whole VM,
     so it never commits or starts, and the owner's generation does not move (the VM is
@@ -184,6 +187,11 @@ def test_source_killed_mid_stream_never_starts_the_target(world, host_b):
     cleanup(w, b, vm)
 
 
+@pytest.mark.attack(adversary='network relay', asset='migration',
+                    technique='flip a byte of the migration stream in transit',
+                    defence='AEAD on every stream record',
+                    outcome='the target refuses; the source resumes',
+                    control='test_control_the_same_relay_without_tampering_carries_the_vm', baseline=True, variants=True)
 @pytest.mark.parametrize("where", [200, 5 << 20])      # the handshake, a memory chunk
 def test_tampered_stream_is_refused_and_the_source_resumes(world, host_b, where):
     w, b = world, host_b
@@ -206,6 +214,11 @@ def test_control_the_same_relay_without_tampering_carries_the_vm(world, host_b):
     cleanup(w, b, vm)
 
 
+@pytest.mark.attack(adversary='migration peer', asset='migration',
+                    technique='replay a captured migration stream to a new target',
+                    defence='broker generation check',
+                    outcome="the target stops: 'stale migration'",
+                    control='test_control_replay_with_the_generation_check_off_still_fails_on_the_session_key', control_kind='the other defence alone (one-time session key)')
 def test_old_stream_replayed_to_a_new_target_is_refused(world, host_b):
     w, b = world, host_b
     vm = create(w, "snap", "memtouch", MEMTOUCH, "mig-r", b["url"])
@@ -234,6 +247,11 @@ def test_control_replay_with_the_generation_check_off_still_fails_on_the_session
     cleanup(w, b, "mig-rc", "mig-rc2")
 
 
+@pytest.mark.attack(adversary='host daemon', asset='migration',
+                    technique='ask the migrated-away core to resume',
+                    defence='core refuses RESUME without a receipt',
+                    outcome="PortalRefused 'migrated away'; the old copy is fenced",
+                    control='inline', baseline=True)
 def test_old_copy_cannot_resume_after_the_target_took_over(world, host_b):
     w, b = world, host_b
     vm = create(w, "snap", "memtouch", MEMTOUCH, "mig-f", b["url"])
@@ -263,6 +281,11 @@ def test_old_copy_cannot_resume_after_the_target_took_over(world, host_b):
     cleanup(w, b, "mig-f")
 
 
+@pytest.mark.attack(adversary='network relay', asset='migration',
+                    technique="capture the whole migration stream and search it for the guest's secret",
+                    defence='migration stream sealing',
+                    outcome='zero occurrences in > 4 MiB captured',
+                    control='inline')
 def test_guest_secret_never_crosses_the_wire_in_the_clear(world, host_b):
     w, b = world, host_b
     vm = create(w, "secret", "canary", "mib=4 secs=600", "mig-s", b["url"])
@@ -299,6 +322,7 @@ def test_guest_secret_never_crosses_the_wire_in_the_clear(world, host_b):
     cleanup(w, b, "mig-s")
 
 
+@pytest.mark.functional('migration under disk load')
 def test_vm_migrates_in_the_middle_of_random_disk_writes(world, host_b):
     """blkbench is in the middle of 40,000 random 4 KiB writes at queue depth 8 to its
     sealed disk (shared storage both hosts reach) when it is migrated: the requests in
@@ -352,6 +376,7 @@ class EchoLoad(OwnerGateway):
             self.echoed.append((time.monotonic(), peer))
 
 
+@pytest.mark.functional('migration under network load')
 def test_vm_migrates_while_echoing_a_udp_stream(world, host_b):
     """netecho echoes a datagram every 2 ms through the sealed tunnel while it is migrated;
     the target's core makes its own tunnel session with the owner's gateway and the

@@ -158,6 +158,11 @@ def _flip_last(dgram: bytes) -> list[bytes]:
 
 
 # ---- attacks with every defence on --------------------------------------------------------
+@pytest.mark.attack(adversary='network relay', asset='network',
+                    technique='modify tunnel datagrams in both directions',
+                    defence='net_seal',
+                    outcome='dropped and counted (drop_auth)',
+                    control='test_control_without_sealing_the_canary_is_seen_and_a_change_is_delivered')
 def test_modified_datagrams_are_dropped_and_counted_both_ways(sealed):
     vm = sealed
     before_core = vm.core_stats().get("drop_auth", 0)
@@ -173,6 +178,11 @@ def test_modified_datagrams_are_dropped_and_counted_both_ways(sealed):
     assert vm.gw.stats()["handshakes"] == 1            # the same session carried on
 
 
+@pytest.mark.attack(adversary='network relay', asset='network',
+                    technique='inject forged datagrams',
+                    defence='net_seal',
+                    outcome='dropped and counted',
+                    control='test_control_without_sealing_the_canary_is_seen_and_a_change_is_delivered')
 def test_injected_datagrams_are_dropped_and_counted(sealed):
     vm = sealed
     last_in = next(d for direction, d in reversed(vm.relay.seen)
@@ -195,6 +205,11 @@ def test_injected_datagrams_are_dropped_and_counted(sealed):
     assert vm.gw.stats()["handshakes"] == 1
 
 
+@pytest.mark.attack(adversary='network relay', asset='network',
+                    technique='replay datagrams',
+                    defence='net_replay',
+                    outcome='dropped and counted (drop_replay)',
+                    control='test_control_without_replay_window_a_replayed_datagram_is_delivered_again')
 def test_replayed_datagrams_are_dropped_and_counted(sealed):
     vm = sealed
     before = vm.core_stats().get("drop_replay", 0)
@@ -211,6 +226,7 @@ def test_replayed_datagrams_are_dropped_and_counted(sealed):
     assert vm.echo_once(b"after replays") == [b"after replays"]
 
 
+@pytest.mark.functional('reordering inside the window is tolerated')
 def test_reordered_datagrams_are_delivered_once_each(sealed):
     vm = sealed
     held: list[bytes] = []
@@ -234,6 +250,11 @@ def test_reordered_datagrams_are_delivered_once_each(sealed):
     assert vm.echo_once(b"in order again") == [b"in order again"]
 
 
+@pytest.mark.attack(adversary='network relay', asset='network',
+                    technique='truncate datagrams',
+                    defence='net_seal',
+                    outcome='dropped and counted (drop_auth, drop_malformed)',
+                    control='test_control_without_sealing_the_canary_is_seen_and_a_change_is_delivered')
 def test_truncated_datagrams_are_dropped_and_counted(sealed):
     vm = sealed
     before = vm.core_stats()
@@ -249,6 +270,11 @@ def test_truncated_datagrams_are_dropped_and_counted(sealed):
     assert vm.gw.stats()["handshakes"] == 1
 
 
+@pytest.mark.attack(adversary='network relay', asset='network',
+                    technique="capture the host interface and search for the guest's canary",
+                    defence='net_seal',
+                    outcome='zero occurrences',
+                    control='test_control_without_sealing_the_canary_is_seen_and_a_change_is_delivered')
 def test_canary_never_appears_on_the_host_side(sealed):
     vm = sealed
     time.sleep(2.5)                                    # at least two canary datagrams sent
@@ -260,6 +286,11 @@ def test_canary_never_appears_on_the_host_side(sealed):
 
 
 # ---- rekeying ----------------------------------------------------------------------------
+@pytest.mark.attack(adversary='network relay', asset='network',
+                    technique="inject an earlier session's datagrams after a rekey",
+                    defence='per-session keys',
+                    outcome='dropped (drop_session/drop_replay)',
+                    control='test_control_without_replay_window_a_replayed_datagram_is_delivered_again')
 def test_rekeys_and_old_sessions_datagrams_are_refused(lab):
     vm = NetVM(lab, rekey=12)
     try:

@@ -124,6 +124,11 @@ CASES = [
 ]
 
 
+@pytest.mark.attack(adversary='host daemon', asset='portal',
+                    technique='malformed portal frames',
+                    defence='portal schema validation',
+                    outcome='refused with a status; the VM keeps running',
+                    control='test_control_well_formed_requests_are_accepted', baseline=True, variants=True)
 @pytest.mark.parametrize("name,build,status,usable", CASES, ids=[c[0] for c in CASES])
 def test_malformed_message_is_refused_and_vm_keeps_running(core, name, build, status, usable):
     sock = connect(core)
@@ -142,6 +147,11 @@ def test_malformed_message_is_refused_and_vm_keeps_running(core, name, build, st
     still_running(core)
 
 
+@pytest.mark.attack(adversary='host daemon', asset='portal',
+                    technique='reuse a capability revoked by a new HELLO',
+                    defence='capability tokens',
+                    outcome='BAD_CAPABILITY',
+                    control='test_control_well_formed_requests_are_accepted', baseline=True)
 def test_old_token_is_revoked_by_a_new_hello(core):
     a, b, c = connect(core), connect(core), connect(core)
     try:
@@ -170,6 +180,11 @@ def test_control_well_formed_requests_are_accepted(core):
     still_running(core)
 
 
+@pytest.mark.attack(adversary='host daemon', asset='portal',
+                    technique="connect to a core's portal from another uid",
+                    defence='socket file mode',
+                    outcome='PermissionError',
+                    control='test_control_well_formed_requests_are_accepted', baseline=True)
 def test_connection_from_another_uid_is_refused(core):
     from tests.security.harness import as_uid
 
@@ -217,6 +232,11 @@ FD_CASES = [
 ]
 
 
+@pytest.mark.attack(adversary='host daemon', asset='portal',
+                    technique='pass file descriptors where none are expected',
+                    defence='ATTACH fd rules',
+                    outcome='refused; the fds closed in the core',
+                    control='test_control_attach_keeps_exactly_one_fd', baseline=True, variants=True)
 @pytest.mark.parametrize("name,build,nfds,status", FD_CASES, ids=[c[0] for c in FD_CASES])
 def test_fds_passed_outside_attach_are_refused_and_closed(core, name, build, nfds, status):
     sock = connect(core)

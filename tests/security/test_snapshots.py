@@ -28,6 +28,7 @@ from tests.security.owner_world import (MEMTOUCH, OwnerGateway, create, console,
 pytestmark = needs_kvm
 
 
+@pytest.mark.functional('snapshot and restore work')
 def test_restored_vm_continues_where_it_stopped(world):
     w = world
     vm = create(w, "snap", "memtouch", MEMTOUCH, "snap-a")
@@ -73,6 +74,11 @@ def sealed_snapshot(world):
     return s
 
 
+@pytest.mark.attack(adversary='snapshot store', asset='snapshots',
+                    technique='tamper with a sealed snapshot file',
+                    defence='AEAD chunk set',
+                    outcome='restore refused, the kind named',
+                    control='test_control_the_untampered_snapshot_restores', baseline=True, variants=True)
 @pytest.mark.parametrize("name", list(TAMPER))
 def test_tampered_snapshot_is_refused(world, sealed_snapshot, name):
     w = world
@@ -107,6 +113,11 @@ def two_snapshots(w, vm_id: str):
     return vm, old, new
 
 
+@pytest.mark.attack(adversary='snapshot store', asset='snapshots',
+                    technique='restore an older snapshot (rollback)',
+                    defence='broker generation check',
+                    outcome='refused: stale generation',
+                    control='test_control_older_snapshot_restores_without_the_generation_check')
 def test_older_snapshot_is_refused(world):
     vm, old, new = two_snapshots(world, "snap-r")
     r = restore(world, old["path"], "snap", "snap-r2")
@@ -132,6 +143,11 @@ def fenced_source(w, vm_id: str, broker: str) -> tuple[str, Path]:
     return vm, d
 
 
+@pytest.mark.attack(adversary='host daemon', asset='snapshots',
+                    technique='snapshot a fenced (superseded) copy',
+                    defence='broker generation check',
+                    outcome='refused: fenced',
+                    control='test_control_fenced_source_snapshots_without_the_generation_check')
 def test_fenced_source_cannot_snapshot_again(world):
     vm, d = fenced_source(world, "snap-f", world["url"])
     r = world["hostd"].cli("snapshot", vm, "--output", str(d / "after.svs"))
@@ -149,6 +165,11 @@ def test_control_fenced_source_snapshots_without_the_generation_check(world):
         world["hostd"].api().delete(f"/v1/vms/{v}")
 
 
+@pytest.mark.attack(adversary='key-broker impostor', asset='snapshots',
+                    technique='advance the generation with a ticket under a guessed key',
+                    defence='ticket MAC under the snapshot key',
+                    outcome="403 'forged'",
+                    control='inline', baseline=True)
 def test_forged_ticket_is_refused_by_the_broker(world):
     import httpx
     from sealvm.wire import attest as A
@@ -162,6 +183,11 @@ def test_forged_ticket_is_refused_by_the_broker(world):
 
 
 # ---- another host: its own network namespace and daemon ----------------------------------
+@pytest.mark.attack(adversary='host daemon', asset='snapshots',
+                    technique='restore on a second host and keep the first copy',
+                    defence='generation fencing',
+                    outcome='the first copy cannot snapshot: fenced',
+                    control='test_control_fenced_source_snapshots_without_the_generation_check')
 def test_snapshot_restores_on_another_host_and_fences_the_first(world, host_b):
     w, b = world, host_b
     vm = create(w, "snap", "memtouch", MEMTOUCH, "snap-x", b["url"])
@@ -186,6 +212,11 @@ def test_snapshot_restores_on_another_host_and_fences_the_first(world, host_b):
     b["hostd"].api().delete("/v1/vms/snap-x")
 
 
+@pytest.mark.attack(adversary='snapshot store', asset='snapshots',
+                    technique="search the snapshot file for the guest's secret",
+                    defence='snapshot sealing',
+                    outcome="zero occurrences; the owner's key finds it",
+                    control='inline')
 def test_guest_secret_is_not_in_the_snapshot(world):
     w = world
     vm = create(w, "secret", "canary", "mib=4 secs=600", "secret-a")
@@ -204,6 +235,7 @@ def test_guest_secret_is_not_in_the_snapshot(world):
     w["hostd"].api().delete(f"/v1/vms/{vm}")
 
 
+@pytest.mark.functional('snapshots of a VM with a sealed disk')
 def test_vm_with_a_sealed_disk_restores_and_reads_back_what_it_wrote(world):
     """blkbench writes its pattern, sleeps (the snapshot is taken then), and after the
     restore reads every block back through the same sealed disk and checks it."""
@@ -229,6 +261,7 @@ def test_vm_with_a_sealed_disk_restores_and_reads_back_what_it_wrote(world):
     w["hostd"].api().delete("/v1/vms/dsk-b")
 
 
+@pytest.mark.functional('snapshots of a VM with a sealed network')
 def test_vm_with_a_sealed_network_restores_and_echoes_again(world):
     """netecho answers a UDP datagram through the tunnel to the owner's gateway (played by
     the test with the owner's net key); snapshot, restore into a new core: the core makes
@@ -286,6 +319,11 @@ class CanaryGateway(OwnerGateway):
             self.canaries.append((time.monotonic(), peer))
 
 
+@pytest.mark.attack(adversary='host daemon', asset='network',
+                    technique='run the old copy after its snapshot was restored',
+                    defence='tunnel generation fencing',
+                    outcome="the gateway drops the old copy's frames",
+                    control='self:fencing=control-no-fencing')
 @pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "control-no-fencing"])
 def test_the_old_copy_cannot_use_the_network_after_a_restore(world, fencing):
     """Copy A keeps running after its snapshot is restored as copy B (the host runs both).
@@ -344,6 +382,11 @@ def lax_disk_host(world):
     h.close()
 
 
+@pytest.mark.attack(adversary='host daemon', asset='sealed disk',
+                    technique='let the old copy keep writing after a restore',
+                    defence='disk_fencing',
+                    outcome="the old copy's writes fail 'fenced'",
+                    control='self:fencing=control-no-fencing')
 @pytest.mark.parametrize("fencing", [True, False], ids=["fenced", "control-no-fencing"])
 def test_the_old_copy_cannot_write_the_disk_after_a_restore(world, lax_disk_host, fencing):
     """Copy A is in the middle of 40,000 random writes to its sealed disk when its snapshot
