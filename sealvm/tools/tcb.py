@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Core + launcher, counted lines.  Raised only by what a later capability adds
 # (say so in the commit message and in the README's TCB table).
-TCB_BUDGET = 8361
+TCB_BUDGET = 8364
 # The root launcher; with SEALVM_TPM set it also loads sealvm.preboot.tpm (and tpm2-pytss)
 # for the extends it makes before each core starts, and stays alive with it loaded.
 LAUNCHER_MODULES = ["sealvm.launcher.spawn", "sealvm.launcher.protocol", "sealvm.launcher.service",

@@ -37,6 +37,7 @@ DEFENCES: tuple[str, ...] = (
     "seccomp",        # install_core_filter
     "disk_integrity", # sealed disk reads checked against tag, position, version, tree
     "disk_fencing",   # the owner generation stamped on each disk commit (an old copy is fenced)
+    "virtio_chain_bound",  # descriptor chains visit each table entry at most once (loops)
     "disk_witness",   # the launcher's record of each disk's newest generation (whole-disk rollback)
 )
 # Defences of the sealed network (core/net_tunnel.py), switched by the same variable.
