@@ -532,7 +532,7 @@ def test_a_limit_raised_by_the_launcher_satisfies_harden_process():
 
 # ---- (g) the test-only switches -------------------------------------------
 DEFENCE_STATE = """
-import ctypes, json, mmap, os
+import ctypes, importlib, json, mmap, os
 from sealvm.core import sandbox
 from sealvm.core.sandbox.libc import (PR_GET_DUMPABLE, PR_GET_NO_NEW_PRIVS, PR_SET_DUMPABLE,
                                       SandboxError, prctl)
@@ -580,6 +580,8 @@ state = {
     # paired controls in tests/security (test_snapshots.py, test_disk_attacks.py).
     "disk_fencing": not disabled("disk_fencing"),
     "disk_witness": not disabled("disk_witness"),
+    # read once when the descriptor walker is imported (its control: test_hostile_guest.py)
+    "virtio_chain_bound": importlib.import_module("sealvm.core.devices.virtio.chain")._BOUNDED,
 }
 try:
     sandbox.install_core_filter()
