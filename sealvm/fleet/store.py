@@ -87,6 +87,15 @@ class SqliteStore:
     def put(self, key: str, doc: dict, expect: int | None = None) -> int:
         return self._write(key, doc, expect)
 
+    def put_many(self, items: list[tuple[str, dict]]) -> None:
+        """Unconditional writes in one transaction (seeding a table)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            n = self.db.execute("UPDATE rev SET n = n + 1 RETURNING n").fetchone()[0]
+            self.db.executemany("INSERT OR REPLACE INTO kv (key, value, rev) VALUES (?,?,?)",
+                                [(k, _dump(d), n) for k, d in items])
+            self.db.execute("COMMIT")
+
     def delete(self, key: str, expect: int | None = None) -> None:
         self._write(key, None, expect)
 
@@ -105,6 +114,14 @@ class SqliteStore:
     def leader(self, name: str) -> str | None:
         doc, _ = self.get(f"leader/{name}")
         return doc["holder"] if doc and doc["expires"] > time.time() else None
+
+    def resign(self, name: str) -> None:
+        doc, rev = self.get(f"leader/{name}")
+        if doc:
+            try:
+                self.delete(f"leader/{name}", expect=rev)
+            except Conflict:
+                pass
 
     def close(self) -> None:
         with self.lock:
@@ -217,6 +234,13 @@ class EtcdStore:
     def put(self, key: str, doc: dict, expect: int | None = None) -> int:
         return self._txn(key, {"request_put": {"key": _b64(key), "value": _b64(_dump(doc))}},
                          expect)
+
+    def put_many(self, items: list[tuple[str, dict]]) -> None:
+        """Unconditional writes, 128 to a transaction (etcd's default limit)."""
+        for i in range(0, len(items), 128):
+            self._call("/kv/txn", {"success": [
+                {"request_put": {"key": _b64(k), "value": _b64(_dump(d))}}
+                for k, d in items[i:i + 128]]})
 
     def delete(self, key: str, expect: int | None = None) -> None:
         self._txn(key, {"request_delete_range": {"key": _b64(key)}}, expect)
