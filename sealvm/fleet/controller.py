@@ -144,6 +144,54 @@ class DaemonMover:
             return False
 
 
+class Chooser:
+    """Targets for VMs leaving `avoid`, best first: trusted hosts with room, outside the
+    suspect's neighbourhood first, then the least loaded (ties by name).  One heap for a
+    suspect's VMs, so a decision costs one pass over the fleet, not one per VM."""
+
+    def __init__(self, c: "Controller", avoid: str | None, used: dict[str, int]):
+        import heapq
+        self.heapq, self.used, self.c = heapq, used, c
+        near = c.neighbourhood(avoid) if avoid else set()
+        self.avoid = avoid
+        self.heap = []
+        for name, (h, _) in c.hosts.items():
+            if name == avoid or h["verdict"] != "trusted" or name not in c.ring:
+                continue
+            cap = h["capacity_mib"]
+            self.heap.append((name in near, used.get(name, 0) / cap, name, cap))
+        heapq.heapify(self.heap)
+
+    def take(self, memory_mib: int, commit: bool = True) -> tuple[str | None, str]:
+        skipped, found = [], None
+        while self.heap:
+            near, ratio, name, cap = self.heapq.heappop(self.heap)
+            u = self.used.get(name, 0)
+            if abs(u / cap - ratio) > 1e-12:               # its load changed: re-queue
+                self.heapq.heappush(self.heap, (near, u / cap, name, cap))
+                continue
+            if u + memory_mib > cap:
+                skipped.append((near, ratio, name, cap))
+                continue
+            found = (near, ratio, name, cap)
+            break
+        for x in skipped:
+            self.heapq.heappush(self.heap, x)
+        if found is None:
+            return None, "no trusted host has room"
+        near, _, name, cap = found
+        self.heapq.heappush(self.heap, found)
+        u = self.used.get(name, 0)
+        if commit:
+            self.commit(name, memory_mib)
+        where = "in the suspect's neighbourhood (no trusted host with room outside it)" if near \
+            else ("outside the suspect's neighbourhood" if self.avoid else "")
+        return name, f"{name}: trusted, {u}/{cap} MiB used, least loaded {where}".strip()
+
+    def commit(self, name: str, memory_mib: int) -> None:
+        self.used[name] = self.used.get(name, 0) + memory_mib
+
+
 class Controller:
     def __init__(self, config: dict, store, mover=None, me: str | None = None):
         self.cfg = config
@@ -321,8 +369,9 @@ class Controller:
                 _, _, why = self.check_report(signed, time.time(), prev)
                 counter = signed["body"]["counter"] if not why else (seen[2] if seen else 0)
                 seen = self.checked[key] = (rev, why or None, counter)
-            if seen[1] is None:
-                out.setdefault(key.split("/")[2], []).append(doc)
+            reporter = self.host(key.split("/")[1])
+            if seen[1] is None and reporter and reporter["verdict"] not in ("failed", "missing"):
+                out.setdefault(key.split("/")[2], []).append(doc)   # never a suspect's word
         return out
 
     # -- verdicts ------------------------------------------------------------------------
@@ -396,33 +445,20 @@ class Controller:
 
     # -- placement -----------------------------------------------------------------------
     def loads(self) -> dict[str, int]:
-        used = {n: 0 for n in self.names}
+        """MiB placed on each host, counting a VM on its way to a host there as well."""
+        used = dict.fromkeys(self.names, 0)
         for v, _ in self.vms.values():
-            for n in {v["host"], (v.get("claim") or {}).get("target")} - {None, ""}:
-                used[n] = used.get(n, 0) + v["memory_mib"]
+            used[v["host"]] = used.get(v["host"], 0) + v["memory_mib"]
+            claim = v.get("claim")
+            if claim:
+                used[claim["target"]] = used.get(claim["target"], 0) + v["memory_mib"]
         return used
 
     def choose(self, memory_mib: int, avoid: str | None,
                used: dict[str, int] | None = None) -> tuple[str | None, str]:
-        near = self.neighbourhood(avoid) if avoid else set()
-        used = used if used is not None else self.loads()
-        best = None
-        for name in self.names:
-            h = self.host(name)
-            if name == avoid or h is None or h["verdict"] != "trusted":
-                continue
-            u = used.get(name, 0)
-            if u + memory_mib > h["capacity_mib"]:
-                continue
-            key = (name in near, u / h["capacity_mib"], name, u, h["capacity_mib"])
-            if best is None or key < best:
-                best = key
-        if best is None:
-            return None, "no trusted host has room"
-        near_, _, name, u, cap = best
-        where = "in the suspect's neighbourhood (no trusted host with room outside it)" if near_ \
-            else ("outside the suspect's neighbourhood" if avoid else "")
-        return name, f"{name}: trusted, {u}/{cap} MiB used, least loaded {where}".strip()
+        """The trusted host with room for `memory_mib`: outside `avoid`'s neighbourhood
+        first, then the least loaded (ties by name)."""
+        return Chooser(self, avoid, used if used is not None else self.loads()).take(memory_mib)
 
     def place(self, spec: dict) -> dict:
         if not self.leading:
@@ -473,21 +509,27 @@ class Controller:
                         "done")
 
     def evacuate_suspects(self) -> None:
+        suspects = sorted(n for n, (h, _) in self.hosts.items()
+                          if h["verdict"] in ("failed", "missing"))
+        if not suspects or len(self.in_flight) >= self.parallel:
+            return
         used = self.loads()
-        for name in self.names:
+        on = {n: [] for n in suspects}
+        for v, _ in self.vms.values():
+            if v["host"] in on:
+                on[v["host"]].append(v)
+        for name in suspects:
             h = self.host(name)
-            if h is None or h["verdict"] not in ("failed", "missing"):
-                continue
-            vms = sorted((v for v, _ in self.vms.values() if v["host"] == name),
-                         key=lambda v: (-v["priority"], v["id"]))
-            for vm in vms:
+            chooser = None
+            for vm in sorted(on[name], key=lambda v: (-v["priority"], v["id"])):
                 if vm["id"] in self.in_flight or vm.get("claim") \
                         or len(self.in_flight) >= self.parallel \
                         or time.monotonic() < self.retry_at.get(vm["id"], 0):
                     continue
                 core_suspect = h["verdict"] == "failed" and any(
                     s in (h["reason"] or "") for s in CORE_SUSPECT)
-                target, why = self.choose(vm["memory_mib"], name, used)
+                chooser = chooser or Chooser(self, name, used)
+                target, why = chooser.take(vm["memory_mib"], commit=False)
                 if target is None:
                     if not vm.get("waiting"):
                         self.decide(vm["id"], name, "", "none", f"stay: {why}", "waiting")
@@ -501,7 +543,7 @@ class Controller:
                     self.vms[vm["id"]] = (doc, self.store.put(f"vms/{vm['id']}", doc, expect=rev))
                 except Conflict:
                     continue                              # somebody else moved or claimed it
-                used[target] = used.get(target, 0) + vm["memory_mib"]
+                chooser.commit(target, vm["memory_mib"])
                 self.in_flight.add(vm["id"])
                 reason = f"{name} {h['verdict']} ({h['reason']}); target {why}"
                 self.pool.submit(self._evacuate, doc, name, target, core_suspect, reason)
@@ -605,8 +647,7 @@ class Controller:
         elif self.dirty:                        # news: only those hosts, at once
             subjects, self.dirty = self.dirty, set()
             self.evaluate(subjects)
-        self.evacuate_suspects()
-        self.metrics.update(self)
+        self.evacuate_suspects()            # (metrics are computed when scraped)
 
     def run_loops(self) -> None:
         def policy():

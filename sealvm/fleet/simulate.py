@@ -26,7 +26,7 @@ from .store import Conflict
 
 
 class SimMover:
-    """Moves of simulated VMs: sim/VM says which host runs it."""
+    """Moves of simulated VMs: sim/VM says which host runs it, and how often it moved."""
 
     def __init__(self, store, move_seconds: float = 0.5):
         self.store, self.move_seconds = store, move_seconds
@@ -41,7 +41,8 @@ class SimMover:
         if doc is None or doc["host"] != s["name"]:
             return False, f"the VM is not on {s['name']} (it is on {doc and doc['host']})"
         try:
-            self.store.put(f"sim/{vm['id']}", {"host": t["name"]}, expect=rev)
+            self.store.put(f"sim/{vm['id']}", {"host": t["name"],
+                                               "moves": doc.get("moves", 0) + 1}, expect=rev)
         except Conflict:
             return False, "the VM moved meanwhile"
         return True, "simulated move"
@@ -87,18 +88,19 @@ def seed(store, config: dict, keys: dict) -> None:
     items = []
     for i, h in enumerate(config["hosts"]):
         name = h["name"]
-        measurer = names[(i - 1) % n]
-        body = {"reporter": measurer, "subject": name, "verdict": "pass", "reason": "seeded",
-                "time": now, "counter": 1}
         items.append((f"hosts/{name}", {
             "name": name, "agent": h["agent"], "daemon": h["daemon"], "address": h["address"],
             "capacity_mib": h["capacity_mib"], "uid_lo": 1, "uid_hi": 2,
             "agent_pub": h["agent_pub"], "tpm_ak_pub": "00", "golden": {}, "verdict": "trusted",
-            "reason": "seeded", "measured_by": measurer, "measured_at": now, "verdict_at": now,
-            "enrolled_at": now}))
-        items.append((f"evidence/{measurer}/{name}", {
-            "signed": sign(keys[measurer], body), "time": now, "verdict": "pass",
-            "reason": "seeded"}))
+            "reason": "seeded", "measured_by": names[(i - 1) % n], "measured_at": now,
+            "verdict_at": now, "enrolled_at": now}))
+        for j in range(1, min(k, n - 1) + 1):          # every measurer has said pass once
+            measurer = names[(i - j) % n]
+            body = {"reporter": measurer, "subject": name, "verdict": "pass",
+                    "reason": "seeded", "time": now, "counter": 1}
+            items.append((f"evidence/{measurer}/{name}", {
+                "signed": sign(keys[measurer], body), "time": now, "verdict": "pass",
+                "reason": "seeded"}))
         for j in range(config["vms_per_host"]):
             vid = f"v{i:05d}-{j}"
             items.append((f"vms/{vid}", {
@@ -107,7 +109,6 @@ def seed(store, config: dict, keys: dict) -> None:
                 "state": "running", "placed_at": now, "snapshot": "", "snapshot_at": 0,
                 "restored": 0, "claim": None}))
             items.append((f"sim/{vid}", {"host": name}))
-    del k
     store.put_many(items)
 
 

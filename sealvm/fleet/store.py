@@ -251,9 +251,12 @@ class EtcdStore:
         key = f"leader/{name}"
         with self.lock:
             held = self.leases.get(name)
+            if held and time.monotonic() < held[1]:
+                return True                  # renewed within the last third of the lease
             if held:
                 r = self._call("/lease/keepalive", {"ID": str(held[0])})
-                if int(r.get("result", {}).get("TTL", 0)) > 0 and self.leader(name) == me:
+                if int(r.get("result", {}).get("TTL", 0)) > 0:    # our key lives with it
+                    self.leases[name] = (held[0], time.monotonic() + ttl / 3)
                     return True
                 self.leases.pop(name, None)
             lease = int(self._call("/lease/grant", {"TTL": str(max(1, round(ttl)))})["ID"])
@@ -263,7 +266,7 @@ class EtcdStore:
                 "success": [{"request_put": {"key": _b64(key), "value": _b64(_dump({"holder": me})),
                                              "lease": str(lease)}}]})
             if r.get("succeeded"):
-                self.leases[name] = (lease, 0)
+                self.leases[name] = (lease, time.monotonic() + ttl / 3)
                 return True
             self._call("/lease/revoke", {"ID": str(lease)})
             return False
