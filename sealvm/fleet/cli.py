@@ -3,7 +3,9 @@
     sealvm fleet agent --name NAME --listen IP:PORT --controller URL --code-dir DIR
                        --uid-range LO-HI [--config FILE] [--state-dir DIR]
                        [--tpm HOST:PORT] [--period 1.0]
-    sealvm fleet controller --config FLEET.json [--listen IP:PORT] [--state-dir DIR] [--db FILE]
+    sealvm fleet controller --config FLEET.json [--listen IP:PORT] [--state-dir DIR]
+                            [--db FILE | --store etcd://HOST:PORT,...] [--store-user U]
+    sealvm fleet simulate --hosts N [--store sqlite|etcd] ...     (docs/fleet.md)
     sealvm fleet status [--controller URL | --db FILE] [--json]
     sealvm fleet golden --code-dir DIR [--config FILE]
 
@@ -50,6 +52,27 @@ def add_parser(sub) -> None:
     c.add_argument("--listen", default="127.0.0.1:8490", help="IP:PORT (default %(default)s)")
     c.add_argument("--state-dir", default="/var/lib/sealvm-fleet", help="(default %(default)s)")
     c.add_argument("--db", help="SQLite file (default STATE_DIR/fleet.db)")
+    c.add_argument("--store", help="where the table lives instead of --db: etcd://HOST:PORT"
+                                   "[,HOST:PORT...] (a cluster several controllers share; one "
+                                   "leads) or sqlite:FILE")
+    c.add_argument("--store-user", help="etcd user (a controller role)")
+    c.add_argument("--store-password-file",
+                   help="file with that user's password (or SEALVM_FLEET_STORE_PASSWORD)")
+    c.add_argument("--id", help="this controller's name in the leadership (default: pid-based)")
+    c.add_argument("--simulate", action="store_true",
+                   help="move simulated VMs (sealvm fleet simulate), not real ones")
+    m = fs.add_parser("simulate", help="measure the controller on thousands of simulated hosts",
+                      description="Simulated hosts and VMs (no KVM) in a real store, driven "
+                                  "by the real controller: seeds the table, reports hosts "
+                                  "compromised and times the decision; prints JSON.")
+    m.add_argument("--hosts", type=int, default=1000, help="simulated hosts (default "
+                                                           "%(default)s; two VMs each)")
+    m.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite",
+                   help="sqlite (a temporary file) or etcd (a 3-member cluster started here, "
+                        "or --endpoints)")
+    m.add_argument("--endpoints", help="HOST:PORT,... of an existing etcd cluster (no auth)")
+    m.add_argument("--trials", type=int, default=5, help="compromised hosts to time")
+    m.add_argument("--json", help="also write the result here")
     s = fs.add_parser("status", help="show the integrity validation table",
                       description="Print hosts (verdict, who measured, when, VMs) and the "
                                   "latest decisions, from the controller or its database.")
@@ -64,19 +87,15 @@ def add_parser(sub) -> None:
 
 
 def _table_from_db(path: str) -> dict:
-    import sqlite3
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    hosts = []
-    for h in db.execute("SELECT * FROM hosts ORDER BY name"):
-        vms = [v["id"] for v in db.execute("SELECT id FROM vms WHERE host=?", (h["name"],))]
-        hosts.append({"name": h["name"], "verdict": h["verdict"], "reason": h["reason"],
-                      "measured_by": h["measured_by"], "measured_at": h["measured_at"],
-                      "capacity_mib": h["capacity_mib"], "vms": vms,
-                      "used_mib": sum(v["memory_mib"] for v in db.execute(
-                          "SELECT memory_mib FROM vms WHERE host=?", (h["name"],)))})
-    decisions = [dict(r) for r in db.execute("SELECT * FROM decisions ORDER BY id")]
-    return {"hosts": hosts, "decisions": decisions}
+    from .controller import table_of
+    from .store import SqliteStore
+    if not Path(path).is_file():
+        raise FileNotFoundError(path)
+    store = SqliteStore(path)
+    try:
+        return table_of(store)
+    finally:
+        store.close()
 
 
 def status(args) -> int:
@@ -130,6 +149,9 @@ def run(args) -> int:
         return run_controller(args)
     if args.fleet_command == "status":
         return status(args)
+    if args.fleet_command == "simulate":
+        from .simulate import run_simulate
+        return run_simulate(args)
     if args.fleet_command == "golden":
         from .measure import golden_values
         print(json.dumps(golden_values(Path(args.code_dir), Path(args.config) if args.config

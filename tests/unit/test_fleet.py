@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sealvm.fleet.controller import Controller
+from sealvm.fleet.store import SqliteStore
 from sealvm.fleet.evidence import appraise, load_or_create_key, pub_hex, sign
 from sealvm.fleet.measure import golden_values
 from sealvm.tools import swtpm
@@ -91,7 +92,7 @@ def ctl(tmp_path):
     hosts = [{"name": n, "agent": f"http://x/{n}", "daemon": str(tmp_path / "none.sock"),
               "address": "127.0.0.1", "capacity_mib": 1024, "uid_range": [1, 2],
               "agent_pub": pub_hex(keys[n]), "tpm_ak_pub": "00", "golden": {}} for n in "abc"]
-    c = Controller({"period": 1.0, "k": 1, "hosts": hosts}, tmp_path / "fleet.db")
+    c = Controller({"period": 1.0, "k": 1, "hosts": hosts}, SqliteStore(tmp_path / "fleet.db"))
     return c, keys
 
 
