@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,6 @@ from . import common as C
 NAME = "fleet_scale"
 GOAL_DECISION_MS = 100.0
 LEASE = 2.0
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _leading(url: str) -> bool:
@@ -57,7 +50,7 @@ def _wait(pred, timeout: float) -> bool:
 def failover(rounds: int) -> list[float]:
     """Seconds from SIGKILL of the leading controller until the standby leads."""
     from sealvm.fleet.etcd import EtcdCluster
-    from sealvm.fleet.simulate import build, seed
+    from sealvm.fleet.simulate import build, seed, start_controller
     from sealvm.fleet.store import EtcdStore
     base = Path(tempfile.mkdtemp(prefix="sealvm-bench-failover-"))
     cluster = EtcdCluster(base / "etcd").start()
@@ -72,15 +65,8 @@ def failover(rounds: int) -> list[float]:
         urls = {}
 
         def start(name: str) -> None:
-            port = _port()
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "sealvm.cli", "fleet", "controller", "--config",
-                 str(base / "fleet.json"), "--listen", f"127.0.0.1:{port}", "--state-dir",
-                 str(base / name), "--store", "etcd://" + ",".join(cluster.endpoints),
-                 "--store-user", "controller", "--store-password-file", str(base / "pw"),
-                 "--id", name, "--simulate"], cwd=C.ROOT, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
-            urls[name] = f"http://127.0.0.1:{port}"
+            procs[name], urls[name] = start_controller(
+                name, base / "fleet.json", cluster.endpoints, base / "pw", base / name)
         start("a")
         if not _wait(lambda: _leading(urls["a"]), 30):
             raise RuntimeError("no controller took the lead")

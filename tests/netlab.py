@@ -107,14 +107,16 @@ def udp_socket(ns: str, bind: tuple[str, int] = ("0.0.0.0", 0)) -> socket.socket
 
 
 class Capture:
-    """Every frame seen on interface `ifname` of namespace `ns` (an AF_PACKET raw socket)."""
+    """Every frame seen on interface `ifname` of namespace `ns` (an AF_PACKET raw socket);
+    ns None: this namespace; ifname None: every interface."""
 
-    def __init__(self, ns: str, ifname: str):
+    def __init__(self, ns: str | None, ifname: str | None):
         def make() -> socket.socket:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-            s.bind((ifname, 0))
+            if ifname:
+                s.bind((ifname, 0))
             return s
-        self.sock = in_netns(ns, make)
+        self.sock = in_netns(ns, make) if ns else make()
         self.sock.settimeout(0.2)
         self.frames: list[bytes] = []
         self._stop = False

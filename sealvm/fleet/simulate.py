@@ -57,6 +57,24 @@ class SimMover:
         return doc is not None and doc["host"] == h["name"]
 
 
+def start_controller(name: str, config: Path, endpoints: list[str], password_file: Path,
+                     state: Path, log=None, user: str = "controller"):
+    """A `sealvm fleet controller --simulate` process on the etcd table; (process, URL)."""
+    import socket
+    import subprocess
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sealvm.cli", "fleet", "controller", "--config", str(config),
+         "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--store",
+         "etcd://" + ",".join(endpoints), "--store-user", user, "--store-password-file",
+         str(password_file), "--id", name, "--simulate"],
+        cwd=Path(__file__).resolve().parents[2], stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def build(n_hosts: int, vms_per_host: int = 2, k: int = 2, capacity: int = 4096,
           vm_mib: int = 256) -> tuple[dict, dict]:
     """(fleet config, agent keys by host)."""

@@ -5,12 +5,8 @@ exactly one host, the one the table names, and none is moved twice."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,16 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, poll
+from tests.conftest import poll
 
 SUSPECT = "h00003"
 LEASE = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -35,7 +25,7 @@ def fleet():
     if not shutil.which("etcd"):
         pytest.skip("etcd-server not installed")
     from sealvm.fleet.etcd import EtcdCluster
-    from sealvm.fleet.simulate import build, seed
+    from sealvm.fleet.simulate import build, seed, start_controller
     from sealvm.fleet.store import EtcdStore
     base = Path(tempfile.mkdtemp(prefix="sealvm-failover-"))
     cluster = EtcdCluster(base / "etcd").start()
@@ -49,15 +39,9 @@ def fleet():
     procs = {}
 
     def start(name: str) -> str:
-        port = free_port()
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "sealvm.cli", "fleet", "controller", "--config",
-             str(base / "fleet.json"), "--listen", f"127.0.0.1:{port}", "--state-dir",
-             str(base / name), "--store", "etcd://" + ",".join(cluster.endpoints),
-             "--store-user", "controller", "--store-password-file", str(base / "pw"),
-             "--id", name, "--simulate"], cwd=ROOT,
-            stdout=open(base / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        procs[name], url = start_controller(name, base / "fleet.json", cluster.endpoints,
+                                            base / "pw", base / name,
+                                            log=open(base / f"{name}.log", "ab"))
         assert poll(lambda: _up(url), 30), (base / f"{name}.log").read_text()
         return url
     yield dict(base=base, cluster=cluster, store=store, config=config, keys=keys,

@@ -240,29 +240,32 @@ def search_readable(roots: list[str], needle: bytes, max_file: int = 64 << 20) -
     return hits
 
 
-def search_process_memory(pid: int, needle: bytes) -> list[str]:
-    """Regions of process `pid` readable by this uid that contain `needle`."""
-    hits = []
+def readable_regions(pid: int, max_region: int = 1 << 30):
+    """(maps line, bytes) of every region of process `pid` this uid can read."""
     try:
         maps = open(f"/proc/{pid}/maps").read().splitlines()
         mem = open(f"/proc/{pid}/mem", "rb")
     except OSError:
-        return hits
+        return
     with mem:
         for line in maps:
             m = re.match(r"([0-9a-f]+)-([0-9a-f]+) r", line)
             if not m:
                 continue
             lo, hi = int(m.group(1), 16), int(m.group(2), 16)
-            if hi - lo > 1 << 30:
+            if hi - lo > max_region:
                 continue
             try:
                 mem.seek(lo)
-                if needle in mem.read(hi - lo):
-                    hits.append(line)
-            except OSError:
+                data = mem.read(hi - lo)
+            except (OSError, OverflowError, ValueError):
                 continue
-    return hits
+            yield line, data
+
+
+def search_process_memory(pid: int, needle: bytes) -> list[str]:
+    """Regions of process `pid` readable by this uid that contain `needle`."""
+    return [line for line, data in readable_regions(pid) if needle in data]
 
 
 def start_broker(owner_dir, env: dict | None = None) -> tuple[subprocess.Popen, str]:

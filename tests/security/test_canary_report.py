@@ -39,15 +39,15 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import guest_image, needs_kvm, poll
+from tests.netlab import Capture
 from tests.e2e.conftest import HOST_UID
+from tests.security.harness import readable_regions
 from tests.security.owner_world import (OwnerGateway, cli, create, host_b, publish,  # noqa: F401
                                         read_guest_secret, snap_dir, snapshot, wait_for, world)
 
@@ -56,33 +56,6 @@ pytestmark = needs_kvm
 MEM_CMDLINE = "mib=16 secs=600"
 DISK_CMDLINE = "tests=seqwrite,sleep canary=rand check=0 qd=8 count=256 sleep_ms=600000"
 NET_CMDLINE = "canary=rand secs=0"
-
-
-class Sniffer:
-    """Every frame on every interface of this network namespace (one AF_PACKET socket)."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        self.sock.settimeout(0.2)
-        self.frames: list[bytes] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.frames.append(self.sock.recv(65536))
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    def stop(self) -> bytes:
-        self._stop.set()
-        self._t.join(2)
-        self.sock.close()
-        return b"".join(self.frames)
 
 
 class CanaryGateway(OwnerGateway):
@@ -143,22 +116,8 @@ class Scanner:
                 self.file(Path(dirpath) / f)
 
     def process(self, pid: int) -> None:
-        try:
-            maps = open(f"/proc/{pid}/maps").read().splitlines()
-            mem = open(f"/proc/{pid}/mem", "rb")
-        except OSError:
-            return
-        with mem:
-            for line in maps:
-                m = re.match(r"([0-9a-f]+)-([0-9a-f]+) r", line)
-                if not m:
-                    continue
-                lo, hi = int(m.group(1), 16), int(m.group(2), 16)
-                try:
-                    mem.seek(lo)
-                    self.data(f"pid {pid} {line.split()[-1]}", mem.read(hi - lo))
-                except (OSError, OverflowError, ValueError):
-                    continue
+        for line, data in readable_regions(pid):
+            self.data(f"pid {pid} {line.split()[-1]}", data)
 
 
 def pids_of_uid(uid: int) -> list[int]:
@@ -185,7 +144,7 @@ def canary_run(world, host_b):
     publish(w, "cnet", "netecho", NET_CMDLINE, "net,rng")
     keys = {n: A.parse_vm_keys((w["owner"] / "vms" / n / "keys.json").read_bytes())
             for n in ("cmem", "cdsk", "cnet")}
-    sniffer = Sniffer()
+    sniffer = Capture(None, None)       # every interface of this namespace
     gw = CanaryGateway(keys["cnet"]["net"])
     disk = w["base"] / "cdsk.img"
     r = cli("disk", "create", "4M", "-o", str(disk), "--owner", str(w["owner"]), "--vm", "cdsk")
