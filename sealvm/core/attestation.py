@@ -13,7 +13,6 @@ relays or swaps do not open: they must be sealed with the owner's wrap key.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 
@@ -52,7 +51,7 @@ class Attestation:
 
     def configure(self, blob: bytes, image: bytes | None, cmdline: str, memory_mib: int,
                   vcpus: int, entry: str, devices: list[str], restore: dict | None = None,
-                  migrate_from: int | None = None) -> None:
+                  migrate_from: int | None = None, initrd: bytes | None = None) -> None:
         """Check the owner's manifest bundle; add owner and guest entries to the log.  For a
         restore (image None, `restore` = {"generation", "set"}), the guest is what the
         snapshot holds: the manifest's own values are measured, with the snapshot named."""
@@ -68,8 +67,8 @@ class Attestation:
         if image is None:        # a restore: the snapshot must hold what the owner signed
             cmdline, memory_mib, vcpus, entry, devices = (
                 manifest[k] for k in ("cmdline", "memory_mib", "vcpus", "entry", "devices"))
-        digest = (hashlib.sha256(image).digest() if image is not None
-                  else bytes.fromhex(manifest["image_sha256"]))
+        digest = (bytes.fromhex(manifest["image_sha256"]) if image is None else
+                  A.linux_image_sha256(image, initrd) if entry == "linux" else A.sha256(image))
         diffs = A.compare_manifest(manifest, digest, cmdline, memory_mib, vcpus, entry, devices)
         if diffs:
             raise AttestationFailed("the guest differs from the owner's signed manifest: "

@@ -161,8 +161,6 @@ class VmService:
             initrd = self.blobs.get(2)
             if initrd is not None and (len(initrd[0]) != initrd[1] or ENTRY_MODES[entry] != "linux"):
                 raise Refused("WRONG_STATE", "initrd incomplete, or given for a non-Linux entry")
-            if manifest is not None and ENTRY_MODES[entry] == "linux":
-                raise Refused("FAILED", "an owner manifest for a Linux guest is not supported yet")
             devices = ["rng"] if flags & FLAG_RNG else []
             devices += [DEVICE_OF_ATTACH[k] for k, i in self.attached if k in DEVICE_OF_ATTACH
                         and i == 0]
@@ -172,7 +170,7 @@ class VmService:
                 try:
                     self.attestation.configure(bytes(manifest[0]), bytes(image), cmdline,
                                                memory_mib, vcpus, ENTRY_MODES[entry],
-                                               devices)
+                                               devices, initrd=initrd and bytes(initrd[0]))
                 except AttestationFailed as e:
                     raise Refused("FAILED", str(e)) from None
             self.config = dict(memory_mib=memory_mib, vcpus=vcpus, entry=ENTRY_MODES[entry],

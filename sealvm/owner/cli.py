@@ -1,8 +1,8 @@
 """`sealvm owner ...`: the VM owner's tools (keys, manifests, policy, key broker, verify).
 
     sealvm owner init DIR [--force]
-    sealvm owner sign GUEST --name NAME [--cmdline ..] [--memory 256M] [--vcpus N]
-                      [--entry pvh|long] [--devices rng,...] [--min-core-version N]
+    sealvm owner sign GUEST | --kernel K [--initrd I]  --name NAME [--cmdline ..] [--memory 256M] [--vcpus N]
+                      [--entry pvh|long|linux] [--devices rng,...] [--min-core-version N]
     sealvm owner policy show | add KIND VALUE | remove KIND VALUE | min-version N
                         | require-tpm yes|no          (KIND: core, host, tpm)
     sealvm owner broker [--listen ADDR] [--port N]
@@ -76,14 +76,19 @@ def add_parser(sub) -> None:
                                    "DIR/vms/NAME/keys.json (fresh disk, net and snapshot keys, "
                                    "0600) if absent; existing keys are kept.")
     _add_dir(s)
-    s.add_argument("guest", metavar="GUEST", help="the guest image (PVH ELF) to measure")
+    s.add_argument("guest", metavar="GUEST", nargs="?",
+                   help="the guest image (PVH ELF) to measure (or --kernel)")
+    s.add_argument("--kernel", metavar="FILE",
+                   help="a Linux kernel (bzImage or vmlinux) instead of GUEST: entry linux; "
+                        "it is measured together with --initrd")
+    s.add_argument("--initrd", metavar="FILE", help="the Linux kernel's initramfs")
     s.add_argument("--name", required=True, help="VM name: 1-63 of a-z, 0-9 and '-'")
     s.add_argument("--cmdline", default="", help="the guest's exact kernel command line")
     s.add_argument("--memory", "-m", type=_memory_mib, default=256,
                    help="guest RAM, e.g. 256M or 1G (default 256M)")
     s.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
-    s.add_argument("--entry", choices=("pvh", "long"), default="pvh",
-                   help="boot entry mode (default pvh)")
+    s.add_argument("--entry", choices=("pvh", "long", "linux"), default=None,
+                   help="boot entry mode (default pvh; linux with --kernel)")
     s.add_argument("--devices", type=_devices, default=["rng"],
                    help="comma-separated device list (default rng; empty string for none)")
     s.add_argument("--min-core-version", type=int, default=1,
@@ -177,6 +182,19 @@ def _verify_manifest(args) -> int:
     return 0
 
 
+def _sign_target(args) -> tuple[str, str]:
+    """(the file to measure, entry mode) of `owner sign`: GUEST, or --kernel for Linux."""
+    if (args.guest is None) == (args.kernel is None):
+        raise SystemExit("sealvm owner sign: give either GUEST (an ELF image) or --kernel")
+    if args.kernel is not None:
+        if args.entry not in (None, "linux"):
+            raise SystemExit(f"sealvm owner sign: --kernel is entry linux, not {args.entry}")
+        return args.kernel, "linux"
+    if args.initrd is not None and args.entry != "linux":
+        raise SystemExit("sealvm owner sign: --initrd needs a Linux kernel (--kernel)")
+    return args.guest, args.entry or "pvh"
+
+
 def _read_signature(path: str) -> bytes:
     raw = Path(path).read_bytes()
     text = raw.strip()
@@ -228,8 +246,10 @@ def run(args) -> int:
             return 0
         if cmd == "sign":
             from .manifest import sign_guest
-            r = sign_guest(_need_dir(args), args.guest, args.name, args.cmdline, args.memory,
-                           args.vcpus, args.entry, args.devices, args.min_core_version)
+            guest, entry = _sign_target(args)
+            r = sign_guest(_need_dir(args), guest, args.name, args.cmdline, args.memory,
+                           args.vcpus, entry, args.devices, args.min_core_version,
+                           initrd=args.initrd)
             print(f"signed {r['path']} (image {r['manifest']['image_sha256']})")
             print("VM keys: " + ("created keys.json" if r["keys_created"] else "kept keys.json"))
             return 0

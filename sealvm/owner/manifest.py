@@ -44,6 +44,17 @@ def image_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def linux_image_sha256(kernel: str | Path, initrd: str | Path | None) -> str:
+    """Hex digest a Linux guest is measured by: its kernel and initrd together."""
+    def read(path, what):
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise OwnerError(f"{path}: cannot read the {what}: {e.strerror}") from None
+    return A.linux_image_sha256(read(kernel, "kernel"),
+                                None if initrd is None else read(initrd, "initrd")).hex()
+
+
 def new_vm_keys() -> bytes:
     """keys.json content: fresh random 32-byte disk, net and snapshot keys (canonical JSON)."""
     return A.canonical({k: secrets.token_bytes(32).hex() for k in A.VM_KEY_NAMES})
@@ -63,13 +74,18 @@ def build_manifest(name: str, image_hash: str, cmdline: str, memory_mib: int, vc
 
 def sign_guest(directory: str | Path, guest: str | Path, name: str, cmdline: str = "",
                memory_mib: int = 256, vcpus: int = 1, entry: str = "pvh",
-               devices: list[str] | None = None, min_core_version: int = 1) -> dict:
+               devices: list[str] | None = None, min_core_version: int = 1,
+               initrd: str | Path | None = None) -> dict:
     """Write the signed manifest for GUEST as VM `name`; create its keys if absent.
+    With entry "linux", GUEST is the kernel and `initrd` its initramfs (measured together).
 
     Returns {"manifest": dict, "path": Path, "keys_created": bool}."""
     key = load_sign_key(directory)
     vdir = vm_dir(directory, name)
-    manifest = build_manifest(name, image_sha256(guest), cmdline, memory_mib, vcpus, entry,
+    if initrd is not None and entry != "linux":
+        raise OwnerError("an initrd belongs to a Linux kernel (entry linux)")
+    digest = linux_image_sha256(guest, initrd) if entry == "linux" else image_sha256(guest)
+    manifest = build_manifest(name, digest, cmdline, memory_mib, vcpus, entry,
                               ["rng"] if devices is None else devices, min_core_version)
     make_private_dir(vdir.parent)
     make_private_dir(vdir)

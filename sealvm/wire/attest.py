@@ -35,7 +35,7 @@ CODE_KINDS = ("interpreter", "core-file", "stdlib-file", "library-file", "pth-fi
 GUEST_KINDS = ("guest-image", "guest-cmdline", "guest-config")
 KINDS = CODE_KINDS + ("core-config", "attestation-key") + GUEST_KINDS + ("vm-restore",
                                                                           "vm-migrate-in")
-ENTRY_MODES = ("pvh", "long")
+ENTRY_MODES = ("pvh", "long", "linux")
 RELEASE_INFO = b"sealvm key release v2"
 VM_KEY_NAMES = ("disk", "net", "snapshot")
 MANIFEST_FIELDS = ("cmdline", "devices", "entry", "image_sha256", "memory_mib",
@@ -53,6 +53,10 @@ def canonical(obj: Any) -> bytes:
 
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+def linux_image_sha256(kernel: bytes, initrd: bytes | None) -> bytes:
+    """A Linux guest's one measured image: its kernel and its initrd (none: empty) together."""
+    return sha256(b"sealvm linux image v1\0" + sha256(kernel) + sha256(initrd or b""))
 
 def _show(v: Any) -> str:
     return t if len(t := repr(v)) <= 40 else t[:37] + "..."

@@ -163,16 +163,35 @@ def _cpio_newc(files: dict[str, tuple]) -> bytes:
     return out.getvalue()
 
 
-def guest_initrd(image: Path, init: str) -> bytes:
-    """A gzip'd initramfs: static busybox, the guest's virtio modules and `init`."""
+def _with_libraries(paths: tuple[str, ...]) -> dict[str, bytes]:
+    """{path inside the initramfs: bytes} of these host programs and the libraries (and the
+    dynamic loader) `ldd` says they need, at the same paths (this host is Debian too)."""
+    out: dict[str, bytes] = {}
+    for prog in paths:
+        real = shutil.which(prog) or prog
+        out[f"bin/{Path(prog).name}"] = Path(real).read_bytes()
+        ldd = subprocess.run(["ldd", real], capture_output=True, text=True, check=True).stdout
+        for lib in re.findall(r"(?:=> )?(/\S+) \(0x", ldd):
+            out[lib.lstrip("/")] = Path(lib).resolve().read_bytes()
+    return out
+
+
+def guest_initrd(image: Path, init: str, modules: tuple[str, ...] = (),
+                 programs: tuple[str, ...] = ()) -> bytes:
+    """A gzip'd initramfs: static busybox, the guest's virtio modules (and `modules`, paths
+    under the kernel's module tree), `programs` from this host with their libraries, `init`."""
     kv = (image / "kernel-version").read_text().strip()
     mods = image / "modules" / kv
     files: dict[str, tuple[int, bytes]] = {d: (0o40755, b"") for d in
-                                           ("bin", "dev", "proc", "sys", "lib")}
+                                           ("bin", "dev", "proc", "sys", "lib", "mnt", "etc")}
     files["dev/console"] = CONSOLE_NODE
     files["bin/busybox"] = (0o100755, Path("/bin/busybox").read_bytes())
-    for rel in GUEST_MODULES:
+    for rel in GUEST_MODULES + modules:
         files[f"lib/{Path(rel).name}"] = (0o100644, (mods / rel).read_bytes())
+    for path, data in _with_libraries(programs).items():
+        for i in range(1, path.count("/") + 1):          # parent directories first
+            files.setdefault("/".join(path.split("/")[:i]), (0o40755, b""))
+        files[path] = (0o100755, data)
     files["init"] = (0o100755, init.encode())
     return gzip.compress(_cpio_newc(files), compresslevel=1, mtime=0)
 

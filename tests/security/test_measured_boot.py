@@ -280,3 +280,74 @@ def test_a_new_pth_file_in_the_environment_fails_attestation(owner, add_pth):
         assert not released(r) and "not in policy" in r.stderr, r.stderr
     else:
         assert released(r), r.stderr
+
+
+# ---- a Linux guest: the kernel and its initrd are measured together ----------------------
+# This machine's KVM cannot run the kernel, but the attestation and key release happen before
+# the guest's first instruction, so the refusal (and the control's release) is real here.
+LINUX_CMDLINE = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 pci=off"
+
+
+@pytest.fixture(scope="module")
+def linux_owner(owner, tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "tests" / "linux"))
+    import nested
+    d = tmp_path_factory.mktemp("linux")
+    kernel, initrd = nested.debian_kernel(), d / "initrd"
+    initrd.write_bytes(b"an initramfs the owner signed\n" * 100)
+    r = cli("owner", "sign", "--dir", str(owner["dir"]), "--kernel", str(kernel), "--initrd",
+            str(initrd), "--name", "lx", "--memory", "512M", "--cmdline", LINUX_CMDLINE)
+    assert r.returncode == 0, r.stderr
+    return {**owner, "kernel": kernel, "initrd": initrd, "tmp": d}
+
+
+def run_linux(o, kernel, initrd, timeout=60) -> tuple[int, str]:
+    """`sealvm run --kernel` under the owner's manifest, until the keys are released (then
+    stopped with SIGINT: the kernel cannot run on this KVM) or the run ends."""
+    p = subprocess.Popen([sys.executable, "-m", "sealvm.cli", "run", "--kernel", str(kernel),
+                          "--initrd", str(initrd), "-m", "512M", "--cmdline", LINUX_CMDLINE,
+                          "--manifest", str(o["dir"] / "vms" / "lx"), "--broker", o["url"]],
+                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    lines, deadline = [], time.monotonic() + timeout
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if "keys released" in line or time.monotonic() > deadline:
+                p.send_signal(2)
+                break
+        lines += p.stderr.read().splitlines(keepends=True)
+        return p.wait(30), "".join(lines)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.functional("baseline: the signed Linux kernel and initrd get their keys")
+def test_control_the_signed_linux_kernel_and_initrd_get_their_keys(linux_owner):
+    rc, err = run_linux(linux_owner, linux_owner["kernel"], linux_owner["initrd"])
+    assert "keys released: disk, net, snapshot" in err, err
+    assert broker_log(linux_owner)[-1]["event"] == "release"
+
+
+@pytest.mark.attack(adversary='host operator', asset='launcher',
+                    technique="boot the owner's Linux kernel with another initrd, or another "
+                              "kernel with the owner's initrd",
+                    defence='kernel and initrd measured as one image',
+                    outcome="no keys (exit 125): 'image_sha256: signed ...'",
+                    control='test_control_the_signed_linux_kernel_and_initrd_get_their_keys',
+                    baseline=True, variants=True)
+@pytest.mark.parametrize("swap", ["initrd", "kernel"])
+def test_swapped_linux_initrd_or_kernel_is_refused(linux_owner, swap):
+    kernel, initrd = linux_owner["kernel"], linux_owner["initrd"]
+    evil = linux_owner["tmp"] / f"evil-{swap}"
+    data = bytearray((initrd if swap == "initrd" else kernel).read_bytes())
+    data[-1] ^= 1                       # one bit: a kernel that still boots, an initrd's tail
+    evil.write_bytes(bytes(data))
+    before = len(broker_log(linux_owner))
+    rc, err = run_linux(linux_owner, evil if swap == "kernel" else kernel,
+                        evil if swap == "initrd" else initrd)
+    assert rc == 125 and "keys released" not in err, err
+    assert "image_sha256: signed" in err
+    assert all(e["event"] != "release" for e in broker_log(linux_owner)[before:])
