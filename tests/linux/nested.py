@@ -177,9 +177,10 @@ def _with_libraries(paths: tuple[str, ...]) -> dict[str, bytes]:
 
 
 def guest_initrd(image: Path, init: str, modules: tuple[str, ...] = (),
-                 programs: tuple[str, ...] = ()) -> bytes:
+                 programs: tuple[str, ...] = (), extra: dict[str, bytes] | None = None) -> bytes:
     """A gzip'd initramfs: static busybox, the guest's virtio modules (and `modules`, paths
-    under the kernel's module tree), `programs` from this host with their libraries, `init`."""
+    under the kernel's module tree), `programs` from this host with their libraries, the
+    `extra` files ({path: bytes}, e.g. etc/mke2fs.conf) and `init`."""
     kv = (image / "kernel-version").read_text().strip()
     mods = image / "modules" / kv
     files: dict[str, tuple[int, bytes]] = {d: (0o40755, b"") for d in
@@ -192,6 +193,8 @@ def guest_initrd(image: Path, init: str, modules: tuple[str, ...] = (),
         for i in range(1, path.count("/") + 1):          # parent directories first
             files.setdefault("/".join(path.split("/")[:i]), (0o40755, b""))
         files[path] = (0o100755, data)
+    for path, data in (extra or {}).items():
+        files[path] = (0o100644, data)
     files["init"] = (0o100755, init.encode())
     return gzip.compress(_cpio_newc(files), compresslevel=1, mtime=0)
 

@@ -12,8 +12,8 @@ import struct
 import pytest
 
 from sealvm.core.devices.virtio import mmio as M
-from sealvm.core.devices.virtio.blk import (S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN,
-                                            T_OUT, VIRTIO_ID_BLOCK, VirtioBlk)
+from sealvm.core.devices.virtio.blk import (MAX_REQUEST, S_IOERR, S_OK, S_UNSUPP, T_FLUSH,
+                                            T_GET_ID, T_IN, T_OUT, VIRTIO_ID_BLOCK, VirtioBlk)
 from sealvm.core.diskseal import SLOT, SealedDisk, format_disk
 from sealvm.core.memory import GuestMemory
 from tests.disk_faults import FaultFile
@@ -24,9 +24,9 @@ KEY = bytes(range(32))
 
 
 @pytest.fixture
-def env():
+def env(request):
     f = FaultFile()
-    format_disk(f, KEY, 64)
+    format_disk(f, KEY, getattr(request, "param", 64))
     reports: list[str] = []
     dev = VirtioBlk(report=reports.append, serial=b"disk-serial")
     dev.open(SealedDisk(f, KEY))
@@ -71,6 +71,34 @@ def test_identity_and_config(env):
     capacity = drv.rd(M.REG_CONFIG) | drv.rd(M.REG_CONFIG + 4) << 32
     assert capacity == 64 * 8
     assert drv.rd(M.REG_CONFIG + 20) == 4096          # blk_size
+
+
+@pytest.mark.parametrize("env", [512], indirect=True)
+def test_the_largest_request_a_driver_may_build_is_served(env):
+    """A driver limits a request only by size_max and seg_max (Linux: 1280 KiB by default
+    otherwise); the largest request they allow, one page per segment, must be served."""
+    _, dev, drv, _ = env
+    size_max, seg_max = drv.rd(M.REG_CONFIG + 8), drv.rd(M.REG_CONFIG + 12)
+    assert size_max * seg_max <= MAX_REQUEST
+    n = size_max * seg_max // 4096
+    data = bytes(i % 251 for i in range(n * 4096))
+    for rtype, first in ((T_OUT, 0), (T_IN, 0)):
+        hdr, st = drv.alloc(16), drv.alloc(1)
+        drv.mem.write(hdr, struct.pack("<IIQ", rtype, 0, 0))
+        pages = [drv.alloc(4096) for _ in range(n)]
+        if rtype == T_OUT:
+            for i, a in enumerate(pages):
+                drv.mem.write(a, data[i * 4096:(i + 1) * 4096])
+        table = drv.alloc(16 * (n + 2))
+        descs = [(hdr, 16, NEXT)] + [(a, 4096, NEXT | (WRITE if rtype == T_IN else 0))
+                                     for a in pages] + [(st, 1, WRITE)]
+        for i, (addr, length, flags) in enumerate(descs):
+            drv.set_desc(i, addr, length, flags, i + 1 if flags & NEXT else 0, table=table)
+        drv.set_desc(first, table, 16 * len(descs), INDIRECT)
+        drv.publish(first)
+        run(drv)
+        assert drv.mem.read(st, 1) == bytes([S_OK]), rtype
+    assert b"".join(drv.mem.read(a, 4096) for a in pages) == data
 
 
 def test_write_read_flush_and_get_id(env):

@@ -34,8 +34,10 @@ VIRTIO_BLK_F_FLUSH = 1 << 9
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 SECTOR = 512
-MAX_REQUEST = 1 << 20           # bytes of data per request (offered as size_max)
-SEG_MAX = 254
+MAX_REQUEST = 1 << 20           # bytes of data per request the device takes
+# A driver bounds a request only by segments: at most SEG_MAX of at most SIZE_MAX bytes
+# (Linux sends up to 1280 KiB otherwise), so their product must not exceed MAX_REQUEST.
+SIZE_MAX, SEG_MAX = 4096, 254
 ID_BYTES = 20
 
 _HDR = struct.Struct("<IIQ")
@@ -64,7 +66,7 @@ class VirtioBlk(VirtioDevice):
     def config(self) -> bytes:
         sectors = self.disk.blocks * (BLOCK // SECTOR) if self.disk else 0
         # capacity, size_max, seg_max, geometry (unused), blk_size
-        return struct.pack("<QIIIII", sectors, MAX_REQUEST, SEG_MAX, 0, BLOCK, 0)
+        return struct.pack("<QIIIII", sectors, SIZE_MAX, SEG_MAX, 0, BLOCK, 0)
 
     # ---- requests -------------------------------------------------------------
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:

@@ -1,0 +1,219 @@
+"""A Linux guest under its owner's manifest, with ext4 on the sealed disk, nested.
+
+Inside one outer VM (tests/linux/nested.py) the whole owner flow runs as on a
+real host: the owner's keys, a manifest signed over the Debian cloud kernel and
+this initramfs together, a policy trusting this host's launcher and core, the
+owner's key broker, a sealed disk made with the VM's disk key.  Then `sealvm run`
+(launcher, measured core, preboot attestation, broker release) boots the kernel
+with the sealed disk as virtio-blk, several times:
+
+  format     the guest finds no filesystem: mke2fs -t ext4, writes a file (1 MiB of
+             random bytes and a canary text) and its SHA-256, unmounts, e2fsck -fn
+  check      the next boot mounts it, checks the file, writes a new one, fsck clean
+  canary     the host searches the sealed file for the canary text (the owner's
+             export of the plaintext must find it, as a control)
+  tamper     the host flips one bit of the ciphertext of the block holding the file
+             (found with the owner's help, to aim at data the guest will read): the
+             guest gets an I/O error, not altered data; control with the
+             disk_integrity defence off: the guest reads the altered data silently
+  rollback   the host puts back the file as it was after `format`: the launcher's
+             witness refuses it before the guest runs; control with disk_witness off:
+             the guest boots on the old filesystem (its boot counter goes back)
+
+Every guest boot ends with one `GUEST-DISK ...` line the tests read.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import nested as N
+
+pytestmark = [pytest.mark.kvm]
+
+CMDLINE = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 pci=off"
+CANARY = "SEALVM-EXT4-CANARY"
+
+DISK_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+ln -s /proc/mounts /etc/mtab
+for m in virtio_ring virtio virtio_mmio virtio-rng virtio_blk; do
+    insmod /lib/$m.ko || echo "GUEST-ERROR insmod $m"
+done
+for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done
+report() {
+    echo "GUEST-DISK phase=$PHASE boots=${BOOTS:-0} data=$DATA fsck=${FSCK:-none} sectors=$(cat /sys/block/vda/size 2>/dev/null)"
+    poweroff -f
+}
+MAGIC=$(dd if=/dev/vda bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \n')
+if [ "$MAGIC" = "53ef" ]; then
+    # an ext4 filesystem: check the file read-only first; write nothing if it is not intact
+    PHASE=check
+    mount -t ext4 -o ro /dev/vda /mnt || { DATA=nomount; report; }
+    BOOTS=$(cat /mnt/boots)
+    OUT=$(cd /mnt && sha256sum -c data.sum 2>&1)
+    echo "GUEST-SHA $OUT"
+    case "$OUT" in
+        *": OK"*) DATA=ok ;;
+        *"I/O error"*|*"Input/output"*|*"can't"*) DATA=ioerror ;;
+        *) DATA=altered ;;
+    esac
+    umount /mnt
+    [ "$DATA" = ok ] || report
+    mount -t ext4 /dev/vda /mnt || { DATA=nomount-rw; report; }
+elif [ -z "$MAGIC" ]; then
+    PHASE=error; DATA=unreadable; report
+else
+    PHASE=format; DATA=new; BOOTS=0
+    mke2fs -q -t ext4 -F /dev/vda > /dev/null 2>&1 || { DATA=mke2fs-failed; report; }
+    mount -t ext4 /dev/vda /mnt || { DATA=nomount; report; }
+fi
+BOOTS=$((BOOTS + 1)); echo $BOOTS > /mnt/boots
+{ head -c 1048576 /dev/urandom; yes CANARY | head -c 65536; } > /mnt/data
+(cd /mnt && sha256sum data > data.sum)
+sync; umount /mnt
+e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1; FSCK=$?
+[ "$FSCK" = 0 ] || cat /tmp/fsck.log
+report
+""".replace("CANARY", CANARY)
+
+# The host's attacker tool: flip one bit in the ciphertext of both slots of one block
+# (docs/sealed-disk.md: slot k of block b at data + (k * N + b) * 4160, 64-byte clear header).
+TAMPER_PY = r"""
+import struct, sys
+path, block = sys.argv[1], int(sys.argv[2])
+with open(path, "r+b") as f:
+    n = struct.unpack_from("<8sIIQ16s", f.read(4096))[3]
+    meta = 4096 + -(-n * 64 // 4096) * 4096
+    for k in (0, 1):
+        off = 4096 + 2 * meta + (k * n + block) * 4160 + 64 + 100
+        f.seek(off); b = f.read(1); f.seek(off); f.write(bytes([b[0] ^ 1]))
+print(f"flipped a bit in both slots of block {block} of {n}")
+"""
+
+# The block of the plaintext (the owner's export) holding the canary text.
+FIND_PY = r"""
+import sys
+data = open(sys.argv[1], "rb").read()
+i = data.find(sys.argv[2].encode())
+print(i // 4096 if i >= 0 else -1)
+"""
+
+SCRIPT = r"""
+O=/tmp/owner; D=/tmp/disk.img; PORT=8477; CMD="CMDLINE"
+step() { echo "JOB-STEP $*"; }
+step owner; sealvm owner init $O > /dev/null || exit 1
+sealvm owner sign --dir $O --kernel vmlinuz --initrd disk.cpio.gz --name lx --memory 256M \
+    --devices rng,blk --cmdline "$CMD" || exit 1
+M=$(sealvm measure) || exit 1
+for k in host_pub:host core_measurement:core; do
+    V=$(echo "$M" | python3 -c "import json,sys; print(json.load(sys.stdin)['${k%%:*}'])")
+    sealvm owner policy --dir $O add ${k#*:} "$V" > /dev/null || exit 1
+done
+sealvm disk create 64M -o $D --owner $O --vm lx || exit 1
+sealvm owner broker --dir $O --port $PORT > /tmp/broker.out 2>&1 &
+python3 -c "
+import socket, time
+for _ in range(600):
+    try: socket.create_connection(('127.0.0.1', $PORT), 1).close(); break
+    except OSError: time.sleep(0.1)
+" || exit 1
+run() { disk=$1; shift; "$@" sealvm run --kernel vmlinuz --initrd disk.cpio.gz -m 256M \
+    --cmdline "$CMD" --manifest $O/vms/lx --broker http://127.0.0.1:$PORT --disk $disk; }
+scenario format run $D
+cp $D /tmp/after-format.img
+scenario check run $D
+scenario canary sh -c "echo sealed=\$(grep -c CANARY $D); \
+    sealvm disk export $D -o /tmp/plain.raw --owner $O --vm lx > /dev/null && \
+    echo plain=\$(grep -c CANARY /tmp/plain.raw) block=\$(python3 find.py /tmp/plain.raw CANARY)"
+B=$(python3 find.py /tmp/plain.raw CANARY)
+cp $D /tmp/t1.img; python3 tamper.py /tmp/t1.img $B
+cp $D /tmp/t2.img; python3 tamper.py /tmp/t2.img $B
+scenario tamper run /tmp/t1.img
+scenario tamper-control run /tmp/t2.img env SEALVM_TEST_MODE=1 \
+    SEALVM_INSECURE_TEST_DISABLE=disk_integrity
+cp /tmp/after-format.img /tmp/rolled.img
+scenario rollback run /tmp/rolled.img
+scenario rollback-control run /tmp/rolled.img env SEALVM_TEST_MODE=1 \
+    SEALVM_INSECURE_TEST_DISABLE=disk_witness
+scenario broker-log cut -c1-200 $O/broker.log
+""".replace("CMDLINE", CMDLINE).replace("CANARY", CANARY)
+
+
+@pytest.fixture(scope="module")
+def outer():
+    if not N.have_kvm():
+        pytest.skip("no /dev/kvm")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is missing (make deps installs it)")
+    image = N.outer_image()
+    job = N.Job(image)
+    conf = Path("/etc/mke2fs.conf")
+    job.add("disk.cpio.gz", N.guest_initrd(
+        image, DISK_INIT, modules=("kernel/drivers/block/virtio_blk.ko",),
+        programs=("mke2fs", "e2fsck"),
+        extra={"etc/mke2fs.conf": conf.read_bytes()} if conf.exists() else None))
+    job.add("tamper.py", TAMPER_PY.encode())
+    job.add("find.py", FIND_PY.encode())
+    job.script = SCRIPT
+    out = job.run(timeout=1200)
+    assert out.rc == 0, f"the outer VM did not finish its job:\n{out.console[-5000:]}"
+    return out
+
+
+def disk_report(outer, name: str) -> tuple[int | None, dict[str, str], str]:
+    rc, text = outer.section(name)
+    m = re.search(r"^GUEST-DISK (.*)$", text, re.M)
+    return rc, (dict(kv.split("=", 1) for kv in m.group(1).split()) if m else {}), text
+
+
+def test_attested_linux_makes_ext4_on_the_sealed_disk(outer):
+    rc, rep, text = disk_report(outer, "format")
+    assert rc == 0, f"sealvm run exited {rc}:\n{text[-4000:]}"
+    assert "keys released: disk, net, snapshot" in text, text[-4000:]
+    assert rep == {"phase": "format", "boots": "1", "data": "new", "fsck": "0",
+                   "sectors": str(64 * 2048)}, text[-4000:]
+
+
+def test_the_filesystem_survives_a_reboot_intact_and_clean(outer):
+    rc, rep, text = disk_report(outer, "check")
+    assert rc == 0, text[-4000:]
+    assert rep["phase"] == "check" and rep["data"] == "ok" and rep["boots"] == "2", text[-4000:]
+    assert rep["fsck"] == "0", text[-4000:]
+
+
+def test_the_guests_file_never_appears_in_the_hosts_disk_file(outer):
+    rc, text = outer.section("canary")
+    assert rc == 0, text
+    found = dict(re.findall(r"(sealed|plain|block)=(-?\d+)", text))
+    assert found["sealed"] == "0", text           # the host's file: ciphertext only
+    assert int(found["plain"]) > 0 and int(found["block"]) > 0, text   # the owner's export
+
+
+def test_a_flipped_ciphertext_bit_is_an_io_error_in_the_guest(outer):
+    rc, rep, text = disk_report(outer, "tamper")
+    assert rep.get("data") == "ioerror", text[-4000:]
+    assert "TAMPERING DETECTED" in text, text[-4000:]
+
+
+def test_control_without_disk_integrity_the_guest_reads_altered_data(outer):
+    rc, rep, text = disk_report(outer, "tamper-control")
+    assert rep.get("data") == "altered", text[-4000:]
+    assert "TAMPERING DETECTED" not in text
+
+
+def test_a_rolled_back_disk_is_refused_before_the_guest_runs(outer):
+    rc, rep, text = disk_report(outer, "rollback")
+    assert rc == 125 and not rep, text[-4000:]
+    assert "rollback" in text, text[-4000:]
+
+
+def test_control_without_the_witness_the_guest_boots_on_the_old_filesystem(outer):
+    rc, rep, text = disk_report(outer, "rollback-control")
+    assert rc == 0, text[-4000:]
+    assert rep["phase"] == "check" and rep["boots"] == "2", text[-4000:]   # 3 without rollback
