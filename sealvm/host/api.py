@@ -17,12 +17,15 @@ from .manager import CoreRefused, UnknownVm, VmManager, WrongState
 
 
 class CreateVm(BaseModel):
-    image: str = Field(description="path of the guest image (PVH ELF), read by the daemon")
+    image: str = Field(description="path of the guest image (PVH ELF), or of the Linux kernel "
+                       "with entry 'linux'; read by the daemon")
+    initrd: str | None = Field(default=None, description="the Linux kernel's initramfs (entry "
+                               "'linux'), read by the daemon")
     name: str | None = Field(default=None, description="VM id (a-z, 0-9, '-'); generated if absent")
     memory_mib: int = Field(default=256, ge=2, le=65536)
     vcpus: int = Field(default=1, ge=1, le=64)
     cmdline: str = Field(default="", max_length=3000)
-    entry: str = Field(default="pvh", pattern="^(pvh|long)$")
+    entry: str = Field(default="pvh", pattern="^(pvh|long|linux)$")
     rng: bool = True
     start: bool = Field(default=False, description="start the VM right after creating it")
     manifest: str | None = Field(default=None, description="the owner's signed manifest "
@@ -45,6 +48,7 @@ class CreateVm(BaseModel):
 class VmView(BaseModel):
     id: str
     image: str
+    initrd: str = ""
     memory_mib: int
     vcpus: int
     cmdline: str
@@ -141,7 +145,8 @@ def build_app(manager: VmManager) -> FastAPI:
                 bundle = read_manifest_bundle(spec.manifest, spec.owner_pub, spec.broker)
             rec = manager.create(spec.name, spec.image, spec.memory_mib, spec.vcpus, spec.cmdline,
                                  spec.entry, spec.rng, bundle, spec.broker if bundle else "",
-                                 net=spec.net, net_direct=spec.net_direct, disk=spec.disk)
+                                 net=spec.net, net_direct=spec.net_direct, disk=spec.disk,
+                                 initrd=spec.initrd)
             if spec.start:
                 rec = manager.start(rec.id)
             return rec.public()

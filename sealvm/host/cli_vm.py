@@ -17,12 +17,16 @@ def add_parser(sub, parse_size) -> None:
     vs = vm.add_subparsers(dest="vm_command", metavar="ACTION")
     vs.required = True
     c = vs.add_parser("create", help="create a VM (its core starts; the guest does not yet)")
-    c.add_argument("image", help="guest image (PVH ELF); read by the daemon")
+    c.add_argument("image", nargs="?", help="guest image (PVH ELF); read by the daemon")
+    c.add_argument("--kernel", metavar="FILE", help="boot this Linux kernel instead (bzImage or "
+                   "PVH vmlinux; entry linux); read by the daemon")
+    c.add_argument("--initrd", metavar="FILE", help="the Linux kernel's initramfs")
     c.add_argument("--name", help="VM id (a-z, 0-9, '-'); generated if absent")
     c.add_argument("--memory", "-m", type=parse_size, default=parse_size("256M"))
     c.add_argument("--vcpus", type=int, default=1)
     c.add_argument("--cmdline", default="")
-    c.add_argument("--entry", choices=("pvh", "long"), default="pvh")
+    c.add_argument("--entry", choices=("pvh", "long", "linux"), default=None,
+                   help="boot entry (default pvh; linux with --kernel)")
     c.add_argument("--no-rng", action="store_true")
     c.add_argument("--start", action="store_true", help="start it right away")
     c.add_argument("--disk", metavar="FILE", help="a sealed disk image (sealvm disk create) to "
@@ -101,7 +105,7 @@ def _client(sock: str):
     if not os.path.exists(sock):
         raise SystemExit(f"sealvm: no daemon socket at {sock} (is `sealvm hostd` running?)")
     return httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://sealvm",
-                        timeout=httpx.Timeout(180.0, read=None))
+                        timeout=httpx.Timeout(180.0, read=None), trust_env=False)
 
 
 def _check(r) -> None:
@@ -178,7 +182,13 @@ def run(args) -> int:
     with _client(args.socket) as http:
         cmd = args.vm_command
         if cmd == "create":
-            body = dict(image=os.path.abspath(args.image), name=args.name,
+            from .oneshot import guest_files
+            try:
+                image, initrd = guest_files(args)
+            except ValueError as e:
+                raise SystemExit(f"sealvm vm create: {e}") from None
+            body = dict(image=os.path.abspath(image), name=args.name,
+                        initrd=os.path.abspath(initrd) if initrd else None,
                         memory_mib=args.memory >> 20, vcpus=args.vcpus, cmdline=args.cmdline,
                         entry=args.entry, rng=not args.no_rng, start=args.start,
                         manifest=os.path.abspath(args.manifest) if args.manifest else None,

@@ -34,7 +34,7 @@ def broker_advance(broker: str, ticket: bytes) -> bytes:
     import httpx
     try:
         r = httpx.post(broker.rstrip("/") + "/v1/generation", json={"ticket": ticket.decode()},
-                       timeout=30)
+                       timeout=30, trust_env=False)
         body = r.json()
     except (httpx.HTTPError, ValueError) as e:
         raise CoreRefused(f"the owner's broker at {broker} did not answer: {e}") from None
@@ -115,31 +115,38 @@ class VmManager:
     # ---- lifecycle -------------------------------------------------------
     def create(self, name, image, memory_mib, vcpus, cmdline, entry, rng,
                manifest: bytes | None = None, broker: str = "", net: str | None = None,
-               net_direct: bool = False, disk: str | None = None) -> VmRecord:
+               net_direct: bool = False, disk: str | None = None,
+               initrd: str | None = None) -> VmRecord:
         vm_id = new_vm_id(name)
-        if entry not in ("pvh", "long"):
-            raise ValueError(f"entry must be pvh or long, not {entry!r}")
+        if entry not in ("pvh", "long", "linux"):
+            raise ValueError(f"entry must be pvh, long or linux, not {entry!r}")
+        if initrd and entry != "linux":
+            raise ValueError("an initrd belongs to a Linux kernel (entry linux)")
         gateway = None
         if net:
             from .netrelay import parse_address
             gateway = parse_address(net)
         data = read_image(image)
+        initrd_data = read_image(initrd) if initrd else None
         disk_fd = open_disk_file(disk) if disk else None    # before any core exists
         try:
             return self._create(vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng,
-                                manifest, broker, disk, disk_fd, net, net_direct, gateway)
+                                manifest, broker, disk, disk_fd, net, net_direct, gateway,
+                                initrd, initrd_data)
         finally:
             if disk_fd is not None:
                 os.close(disk_fd)
 
     def _create(self, vm_id, image, data, memory_mib, vcpus, cmdline, entry, rng, manifest,
-                broker, disk, disk_fd, net=None, net_direct=False, gateway=None) -> VmRecord:
+                broker, disk, disk_fd, net=None, net_direct=False, gateway=None,
+                initrd=None, initrd_data=None) -> VmRecord:
         with self._lock:
             if vm_id in self.records:
                 raise ValueError(f"a VM named {vm_id!r} exists already")
             rec = VmRecord(vm_id, os.path.abspath(image), memory_mib, vcpus, cmdline, entry, rng,
                            broker=broker, net=net or "", net_direct=bool(net and net_direct),
-                           disk=os.path.abspath(disk) if disk else "")
+                           disk=os.path.abspath(disk) if disk else "",
+                           initrd=os.path.abspath(initrd) if initrd else "")
             self.records[vm_id] = rec
         try:
             rec.pid, rec.uid, rec.socket, sock = self.launcher.spawn(vm_id, memory_mib,
@@ -147,6 +154,8 @@ class VmManager:
             self.store.save(rec)
             link = self._link(rec, sock)
             link.load_image(data)
+            if initrd_data is not None:
+                link.load_image(initrd_data, kind=2)
             if manifest is not None:
                 link.load_image(manifest, kind=3)
             if disk_fd is not None:

@@ -122,11 +122,12 @@ def run_oneshot(args) -> int:
         return EXIT_INTERRUPTED
 
 
-def guest_images(args) -> tuple[bytes, bytes | None]:
-    """(kernel or ELF image, initrd); sets args.entry.  Raises ValueError (usage)."""
+def guest_files(args) -> tuple[str, str | None]:
+    """(kernel or ELF image path, initrd path) of `run` or `vm create`; sets args.entry and a
+    Linux kernel's default command line.  Raises ValueError (usage)."""
     from ..cli import LINUX_DEFAULT_CMDLINE
-    from .corelink import read_image
-    if (args.guest is None) == (args.kernel is None):
+    guest = args.guest if hasattr(args, "guest") else args.image
+    if (guest is None) == (args.kernel is None):
         raise ValueError("give either GUEST (an ELF image) or --kernel KERNEL (a Linux bzImage "
                          "or vmlinux)")
     if args.kernel is not None:
@@ -142,8 +143,14 @@ def guest_images(args) -> tuple[bytes, bytes | None]:
         print("sealvm: WARNING: this host's KVM is kvm_pvm, which runs only kernels built as PVM "
               "guests: an unmodified Linux kernel will not get past its first instructions "
               "(see docs/linux.md)", file=sys.stderr)
-    image = read_image(args.kernel or args.guest)
-    return image, (read_image(args.initrd) if args.initrd is not None else None)
+    return args.kernel or guest, args.initrd
+
+
+def guest_images(args) -> tuple[bytes, bytes | None]:
+    """(kernel or ELF image, initrd) as read by the host; see guest_files."""
+    from .corelink import read_image
+    image, initrd = guest_files(args)
+    return read_image(image), (read_image(initrd) if initrd is not None else None)
 
 
 def _run(args) -> int:

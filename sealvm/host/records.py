@@ -31,6 +31,7 @@ class VmRecord:
     net: str = ""             # the owner's gateway, HOST:PORT ("" = no network card)
     net_direct: bool = False  # the core holds a connected UDP socket (no relay in the daemon)
     disk: str = ""            # the sealed disk image attached at create, if any
+    initrd: str = ""          # a Linux guest's initramfs (entry "linux")
     state: str = "creating"   # creating, configured, running, paused, stopped, lost, failed
     pid: int = 0
     uid: int = 0

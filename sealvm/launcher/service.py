@@ -151,6 +151,8 @@ def run_hostd(state_dir: str, run_dir: str, host_uid: int = DEFAULT_HOST_UID,
         if os.geteuid() == 0 and host_uid != 0:
             kw = dict(user=host_uid, group=host_uid, extra_groups=[])
         env = {k: v for k, v in os.environ.items() if k.startswith(("SEALVM_", "PATH", "LANG"))}
+        # the daemon imports sealvm from where the launcher did (a source tree or a venv)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
         daemon = subprocess.Popen(daemon_command(state, run, theirs.fileno(), daemon_args or []),
                                   pass_fds=(theirs.fileno(),), env=env, **kw)
         theirs.close()

@@ -95,7 +95,8 @@ def attest(broker_url: str, vm: str,
     """Challenge, then attest: returns (wrapped, salt) or raises BrokerRefused/BrokerUnavailable."""
     base = broker_url.rstrip("/")
     own = http is None
-    client = http if http is not None else httpx.Client(timeout=timeout)
+    # trust_env off: no proxy, netrc or CA settings from the (host's) environment
+    client = http if http is not None else httpx.Client(timeout=timeout, trust_env=False)
     try:
         nonce = challenge(client, base, vm)
         evidence, signature = make_evidence(nonce)
