@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 STAMPS     := .stamps
 APT_PKGS   := python3 python3-venv python3-dev gcc make binutils libc6-dev linux-libc-dev \
               qemu-system-x86 hyperfine strace swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config \
-              debootstrap busybox-static cpio kmod e2fsprogs lz4 zstd iproute2 iputils-ping tcpdump \
+              debootstrap busybox-static cpio kmod e2fsprogs lz4 zstd iproute2 iputils-ping tcpdump iperf3 \
               etcd-server etcd-client
 PYTEST_ARGS ?=
 

@@ -6,7 +6,8 @@
 #   OUT/stage1.cpio.gz   busybox + virtio-blk modules: mounts the root disk, switch_root
 #   OUT/rootfs.ext4      debootstrap minbase + python3 + python3-cryptography + kmod,
 #                        python3-httpx, -fastapi, -uvicorn (preboot client, owner broker),
-#                        kvm/kvm-amd modules, busybox, QEMU (for the boot benchmark),
+#                        iproute2, iperf3 (the owner gateway side), kvm/kvm-amd and tun
+#                        modules, busybox, QEMU (for the benchmarks),
 #                        /sbin/l1init
 # Usage: scripts/nested-image.sh KERNEL_PACKAGE OUT
 # L1 runs /sbin/l1init: loads kvm_amd, unpacks the job tar from /dev/vdb into /job,
@@ -52,18 +53,20 @@ S1INIT
 chmod +x "$S1/init"
 (cd "$S1" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/stage1.cpio.gz.tmp"
 
-step "debootstrap (minbase + python3, python3-cryptography, fastapi, uvicorn, kmod)"
+step "debootstrap (minbase + python3, python3-cryptography, fastapi, uvicorn, kmod, iproute2, iperf3)"
 R="$WORK/rootfs"
 debootstrap --variant=minbase --include=python3-minimal,python3,kmod \
     bookworm "$R" "$MIRROR" > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; exit 1; }
 # python3-cryptography's postinst byte-compiles with python3, which debootstrap's
 # base configuration pass has not set up yet: install it in a second step.
 DEBIAN_FRONTEND=noninteractive chroot "$R" apt-get install -y -q --no-install-recommends \
-    python3-cryptography python3-httpx python3-fastapi python3-uvicorn > "$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log"; exit 1; }
+    python3-cryptography python3-httpx python3-fastapi python3-uvicorn iproute2 iperf3 > "$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log"; exit 1; }
 rm -rf "$R"/usr/share/{doc,man,locale,info} "$R"/var/cache/apt/archives/*.deb "$R"/var/lib/apt/lists/*
 mkdir -p "$R/lib/modules/$KV/kernel/arch/x86/kvm" "$R/lib/modules/$KV/kernel/virt/lib" "$R/job"
 cp "$MODS/arch/x86/kvm/"kvm*.ko "$R/lib/modules/$KV/kernel/arch/x86/kvm/"
 cp "$MODS/virt/lib/irqbypass.ko" "$R/lib/modules/$KV/kernel/virt/lib/"
+mkdir -p "$R/lib/modules/$KV/kernel/drivers/net"       # the owner gateway's TAP
+cp "$MODS/drivers/net/tun.ko" "$R/lib/modules/$KV/kernel/drivers/net/"
 cp "$WORK/kpkg/lib/modules/$KV/"modules.{order,builtin,builtin.modinfo} "$R/lib/modules/$KV/" 2>/dev/null || true
 depmod -b "$R" "$KV"
 cp /bin/busybox "$R/usr/local/bin/busybox"

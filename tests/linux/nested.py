@@ -25,11 +25,14 @@ import re
 import shutil
 import struct
 import subprocess
+import sysconfig
 import tarfile
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "nested-image.sh"
@@ -164,12 +167,13 @@ def _cpio_newc(files: dict[str, tuple]) -> bytes:
 
 
 def _with_libraries(paths: tuple[str, ...]) -> dict[str, bytes]:
-    """{path inside the initramfs: bytes} of these host programs and the libraries (and the
-    dynamic loader) `ldd` says they need, at the same paths (this host is Debian too)."""
+    """{path inside the initramfs: bytes} of these host programs (under usr/bin; run them by
+    that full path, as busybox's shell prefers its own applets to anything on PATH) and the libraries (and the dynamic loader) `ldd`
+    says they need, at the same paths (this host is Debian too)."""
     out: dict[str, bytes] = {}
     for prog in paths:
         real = shutil.which(prog) or prog
-        out[f"bin/{Path(prog).name}"] = Path(real).read_bytes()
+        out[f"usr/bin/{Path(prog).name}"] = Path(real).read_bytes()
         ldd = subprocess.run(["ldd", real], capture_output=True, text=True, check=True).stdout
         for lib in re.findall(r"(?:=> )?(/\S+) \(0x", ldd):
             out[lib.lstrip("/")] = Path(lib).resolve().read_bytes()
@@ -180,7 +184,7 @@ def guest_initrd(image: Path, init: str, modules: tuple[str, ...] = (),
                  programs: tuple[str, ...] = (), extra: dict[str, bytes] | None = None) -> bytes:
     """A gzip'd initramfs: static busybox, the guest's virtio modules (and `modules`, paths
     under the kernel's module tree), `programs` from this host with their libraries, the
-    `extra` files ({path: bytes}, e.g. etc/mke2fs.conf) and `init`."""
+    `extra` files ({path: bytes}, e.g. etc/mke2fs.conf; executable under bin/) and `init`."""
     kv = (image / "kernel-version").read_text().strip()
     mods = image / "modules" / kv
     files: dict[str, tuple[int, bytes]] = {d: (0o40755, b"") for d in
@@ -194,7 +198,7 @@ def guest_initrd(image: Path, init: str, modules: tuple[str, ...] = (),
             files.setdefault("/".join(path.split("/")[:i]), (0o40755, b""))
         files[path] = (0o100755, data)
     for path, data in (extra or {}).items():
-        files[path] = (0o100644, data)
+        files[path] = (0o100755 if path.startswith("bin/") else 0o100644, data)
     files["init"] = (0o100755, init.encode())
     return gzip.compress(_cpio_newc(files), compresslevel=1, mtime=0)
 
@@ -225,8 +229,9 @@ scenario() {  # NAME COMMAND...: run it, bracket its output and status for the t
 class Job:
     """The files and script one outer-VM run carries (a raw tar on its second disk)."""
 
-    def __init__(self, image: Path):
+    def __init__(self, image: Path, name: str = "job"):
         self.image = image
+        self.name = name                    # of the console log, /tmp/sealvm-nested-NAME.console
         self.files: dict[str, bytes] = {}
         self.script = ""
 
@@ -243,6 +248,12 @@ class Job:
             for p in sorted(src.rglob("*")):
                 if p.is_file() and (p.suffix == ".py" or p.suffix == ".pyc"):
                     add_bytes(f"src/{p.relative_to(ROOT)}", p.read_bytes())
+            # the cryptography the venv has (Debian 12's python3-cryptography is older)
+            site = Path(sysconfig.get_path("purelib", vars={"base": str(ROOT / ".venv")}))
+            for p in [*site.glob("_cffi_backend*.so"), *(site / "cffi").rglob("*"),
+                      *(site / "cryptography").rglob("*")]:
+                if p.is_file() and "__pycache__" not in p.parts:
+                    add_bytes(f"src/{p.relative_to(site)}", p.read_bytes())
             add_bytes("bin/sealvm", b"#!/bin/sh\nPYTHONPATH=/job/src exec python3 -m sealvm.cli "
                       b"\"$@\"\n", 0o755)
             add_bytes("vmlinuz", (self.image / "vmlinuz").read_bytes())
@@ -252,6 +263,8 @@ class Job:
 
     def run(self, timeout: float = 600, memory: str = "2048", smp: int = 1) -> Outcome:
         """Boot the outer VM on this job; return its console and run.sh's status."""
+        if shutil.which("qemu-system-x86_64") is None:
+            raise RuntimeError("qemu-system-x86_64 is missing (make deps installs it)")
         subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "compileall", "-q",
                         "--invalidation-mode", "checked-hash", str(ROOT / "sealvm")], check=True)
         tmp = Path(tempfile.mkdtemp(prefix="sealvm-nested-", dir="/tmp"))
@@ -265,17 +278,91 @@ class Job:
                    "-drive", f"file={self.image / 'rootfs.ext4'},if=virtio,format=raw,snapshot=on",
                    "-drive", f"file={tar},if=virtio,format=raw,readonly=on",
                    "-append", "console=ttyS0 panic=-1 quiet"]
-            try:
-                p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                                   timeout=timeout)
-                console = p.stdout.decode(errors="replace").replace("\r\n", "\n")
-            except subprocess.TimeoutExpired as e:
-                console = (e.stdout or b"").decode(errors="replace").replace("\r\n", "\n")
-                console += f"\n[outer VM killed after {timeout} s]\n"
+            # the console goes to a file as it comes: `tail -f` it to follow a long run
+            log = Path(tempfile.gettempdir()) / f"sealvm-nested-{self.name}.console"
+            with open(log, "wb") as out, subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT) as p:
+                _RUNNING.add(p)
+                try:
+                    p.wait(timeout=timeout)
+                    note = ""
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                    note = f"\n[outer VM killed after {timeout} s]\n"
+                finally:
+                    _RUNNING.discard(p)
+            console = log.read_bytes().decode(errors="replace").replace("\r\n", "\n") + note
             m = re.search(r"L1-RESULT rc=(\d+)", console)
             return Outcome(int(m.group(1)) if m else None, console)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Outer-VM runs started early: a test module's job begins when the session has collected
+# it (tests/conftest.py) and runs on a background thread beside the other tests, one outer
+# VM at a time (each is one TCG thread); the module's fixture waits for its outcome.
+_RUNNING: set[subprocess.Popen] = set()
+_LOCK = threading.Lock()
+_QUEUE: list[tuple[str, Callable[[Path], Job], float]] = []
+_DONE: dict[str, Outcome | BaseException] = {}
+_WAKE = threading.Condition(_LOCK)
+_worker: threading.Thread | None = None
+
+
+def can_run() -> str | None:
+    """Why the nested tests cannot run here (the skip reason), or None. (A missing QEMU is
+    not a reason: `make deps` installs it, and the run fails saying so.)"""
+    return None if have_kvm() else "no /dev/kvm on this machine: nested Linux tests skipped"
+
+
+def _work() -> None:
+    while True:
+        with _LOCK:
+            if not _QUEUE:
+                return
+            key, build, timeout = _QUEUE[0]
+        try:
+            job = build(outer_image())
+            job.name = key.rsplit(".", 1)[-1]
+            result: Outcome | BaseException = job.run(timeout=timeout)
+        except BaseException as e:          # the fixture that waits re-raises it
+            result = e
+        with _WAKE:
+            _QUEUE.pop(0)
+            _DONE[key] = result
+            _WAKE.notify_all()
+
+
+def start(key: str, build: Callable[[Path], Job], timeout: float) -> None:
+    """Queue this job (`build(image)` makes it) to run in the background, once."""
+    global _worker
+    with _LOCK:
+        if key in _DONE or any(k == key for k, _, _ in _QUEUE):
+            return
+        _QUEUE.append((key, build, timeout))
+        if _worker is None or not _worker.is_alive():
+            _worker = threading.Thread(target=_work, name="nested-outer-vm", daemon=True)
+            _worker.start()
+
+
+def outcome(key: str, build: Callable[[Path], Job], timeout: float) -> Outcome:
+    """The job's outcome: queued now if nothing started it, waited for if it is running."""
+    start(key, build, timeout)
+    with _WAKE:
+        _WAKE.wait_for(lambda: key in _DONE)
+        result = _DONE[key]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def stop() -> None:
+    """End of the session: drop queued jobs and kill a running outer VM."""
+    with _LOCK:
+        del _QUEUE[1:]
+    for p in list(_RUNNING):
+        p.kill()
 
 
 def have_kvm() -> bool:
