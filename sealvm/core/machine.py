@@ -120,7 +120,7 @@ class Machine:
             self.kvm = Kvm() if cfg.kvm_fd is None else Kvm(fd=os.dup(cfg.kvm_fd))
         except OSError as e:
             raise MachineError(f"cannot open /dev/kvm: {e.strerror}") from None
-        if self.linux:
+        if self.linux and cfg.restore is None:  # (a restored VM's kernel is in its RAM)
             from .boot.vmlinux import check_kernel
             check_kernel(cfg.image)            # a bad kernel is refused before anything is made
         self.vm = self.kvm.create_vm()

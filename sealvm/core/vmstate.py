@@ -38,6 +38,7 @@ VERSION = 1
 MAX_STATE_BYTES = 4 << 20          # 64 vCPUs with 4 KiB XSAVE areas fit easily
 
 MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
 # The ctypes blobs a vCPU record carries, in restore order (see restore_vcpu).
 _BLOBS = {"sregs": S.kvm_sregs, "regs": S.kvm_regs, "xcrs": SS.kvm_xcrs, "xsave": SS.kvm_xsave,
           "debugregs": SS.kvm_debugregs, "lapic": SS.kvm_lapic_state,
@@ -118,7 +119,8 @@ def restore_vcpu(vcpu: VcpuFd, rec: dict) -> None:
 
     Order: sregs (EFER, CR0/CR4 decide what is valid next), regs, XCRs before XSAVE
     (XCR0 selects the components), MSRs (the TSC among them), debug registers,
-    LAPIC, MP state, and pending events last so nothing above clears them.
+    LAPIC then the TSC deadline again, MP state, and pending events last so nothing
+    above clears them.
     """
     vcpu.set_sregs(_blob(rec, "sregs"))
     vcpu.set_regs(_blob(rec, "regs"))
@@ -128,6 +130,10 @@ def restore_vcpu(vcpu: VcpuFd, rec: dict) -> None:
     KS.set_debugregs(vcpu, _blob(rec, "debugregs"))
     if rec["lapic"] is not None:
         KS.set_lapic(vcpu, _blob(rec, "lapic"))
+        # KVM drops a TSC deadline written while the LAPIC timer is not in TSC-deadline
+        # mode (a fresh vCPU's is not): write it again now, or the guest's next timer
+        # interrupt never comes
+        KS.set_msrs(vcpu, {i: v for i, v in rec["msrs"] if i == MSR_IA32_TSC_DEADLINE})
     if KS.get_mp_state(vcpu) != rec["mp_state"]:   # without an irqchip only RUNNABLE exists
         KS.set_mp_state(vcpu, rec["mp_state"])
     KS.set_vcpu_events(vcpu, _blob(rec, "events"))

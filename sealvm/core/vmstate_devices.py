@@ -38,15 +38,23 @@ def _keys(what: str, d, keys: set) -> None:
 
 
 # ---- serial --------------------------------------------------------------------------
+# The UART's interrupt bits travel too: a THR-empty interrupt the guest has not yet taken
+# (thr) and the line level the restored irqchip holds (level).  Lost, a Linux 8250 driver
+# waits forever for the interrupt that sends its next byte.
+SERIAL_BITS = {"thr": "_thr_int", "level": "_level"}
+
+
 def serial_state(s) -> dict:
     with s._lock:
-        return {**{r: getattr(s, r) for r in SERIAL_REGS}, "rx": bytes(s._rx).hex()}
+        return {**{r: getattr(s, r) for r in SERIAL_REGS}, "rx": bytes(s._rx).hex(),
+                **{k: int(getattr(s, a)) for k, a in SERIAL_BITS.items()}}
 
 
 def set_serial_state(s, st: dict) -> None:
     with s._lock:
         for r in SERIAL_REGS:
             setattr(s, r, st[r])
+        s._thr_int, s._level = bool(st["thr"]), st["level"]
         s._rx.clear()
         s._rx.extend(bytes.fromhex(st["rx"]))
 
@@ -126,9 +134,11 @@ def restore_devices(machine, st: dict) -> None:
 
 def check_devices(st) -> None:
     _keys("devices", st, {"serial", "virtio"})
-    _keys("serial", st["serial"], {*SERIAL_REGS, "rx"})
+    _keys("serial", st["serial"], {*SERIAL_REGS, "rx", *SERIAL_BITS})
     for r in SERIAL_REGS:
         _int(f"serial {r}", st["serial"][r], 8)
+    for r in SERIAL_BITS:
+        _int(f"serial {r}", st["serial"][r], 1)
     rx = st["serial"]["rx"]
     if not isinstance(rx, str) or len(rx) > 2 * SERIAL_RX_LIMIT or len(rx) % 2 or \
             rx.strip("0123456789abcdef"):

@@ -153,3 +153,47 @@ def test_from_bytes_refuses_bad_blobs():
         vmstate.from_bytes(b"{}")
     with pytest.raises(vmstate.VmStateError, match="sregs"):
         vmstate.from_bytes(blob.replace(b'"sregs":"', b'"sregs":"00'))
+
+
+# ---- state a Linux guest uses that the test guests never touch --------------------------
+MSR_IA32_TSC, MSR_TSC_DEADLINE = 0x10, 0x6E0
+LVTT, LVT_TSC_DEADLINE = 0x320, 2 << 17
+
+
+def test_a_tsc_deadline_timer_survives_restore_into_a_fresh_vcpu(kvm, guest):
+    """Linux arms its LAPIC timer in TSC-deadline mode; KVM ignores the deadline MSR while
+    the LAPIC is in another mode (a fresh vCPU's is), so a restore that writes it only
+    with the other MSRs leaves a guest that never gets another timer tick."""
+    from sealvm.core.kvm import state
+    src = guest(bytes.fromhex("ebfe"), irqchip=True).vcpu
+    lapic = state.get_lapic(src)
+    lapic.regs[LVTT:LVTT + 4] = (LVT_TSC_DEADLINE | 0xEC).to_bytes(4, "little")
+    state.set_lapic(src, lapic)
+    deadline = state.get_msrs(src, [MSR_IA32_TSC])[MSR_IA32_TSC] + (1 << 40)
+    state.set_msrs(src, {MSR_TSC_DEADLINE: deadline})
+    assert state.get_msrs(src, [MSR_TSC_DEADLINE])[MSR_TSC_DEADLINE] == deadline
+    rec = vmstate.capture_vcpu(src, vmstate.savable_msrs(kvm), lapic=True)
+    assert [MSR_TSC_DEADLINE, deadline] in rec["msrs"]
+    dst = guest(bytes.fromhex("ebfe"), irqchip=True).vcpu
+    vmstate.restore_vcpu(dst, rec)
+    assert state.get_msrs(dst, [MSR_TSC_DEADLINE])[MSR_TSC_DEADLINE] == deadline
+
+
+def test_a_pending_serial_interrupt_survives_capture():
+    """A THR-empty interrupt the guest has not taken yet travels with the UART: without it
+    a Linux console driver waits for ever to send its next byte."""
+    from sealvm.core import vmstate_devices as D
+    from sealvm.core.devices.serial import Serial16550
+    levels = []
+    src = Serial16550(irq=levels.append)
+    src.write(1, 0x02)                     # IER: THR-empty interrupts on -> one is pending
+    assert levels == [1]
+    st = D.serial_state(src)
+    dst = Serial16550(irq=levels.append)
+    D.set_serial_state(dst, st)
+    assert dst.read(2) & 0x0F == 0x02      # IIR: the THR-empty interrupt is still there
+    dst.read(2)
+    assert levels == [1, 0]                # taking it lowers the line the irqchip holds high
+    D.check_devices({"serial": st, "virtio": []})
+    with pytest.raises(vmstate.VmStateError, match="thr"):
+        D.check_devices({"serial": {**st, "thr": 2}, "virtio": []})
