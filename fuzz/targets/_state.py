@@ -10,7 +10,7 @@ def state() -> dict:
     cpu = {"id": 0, "msrs": [[0x10, 5]], "mp_state": 0}
     for name, cls in vmstate._BLOBS.items():
         cpu[name] = "00" * ctypes.sizeof(cls)
-    serial = {r: 0 for r in vmstate_devices.SERIAL_REGS}
+    serial = {r: 0 for r in (*vmstate_devices.SERIAL_REGS, *vmstate_devices.SERIAL_BITS)}
     serial["rx"] = ""
     st = {"format": vmstate.FORMAT, "version": vmstate.VERSION, "memory": 2 << 20,
           "vcpus": [cpu], "devices": {"serial": serial, "virtio": []}, "clock": 1,

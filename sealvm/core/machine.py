@@ -111,6 +111,7 @@ class Machine:
         self._extra_fds: list[int] = []
         self.net = None
         self.blk = None
+        self.before_run: list[Callable[[], None]] = []
 
     # ---- build --------------------------------------------------------
     def build(self) -> None:
@@ -285,11 +286,6 @@ class Machine:
                 held.enter_context(slot.transport._lock)
             yield
 
-    def capture_state(self) -> dict:
-        """vmstate.capture_vm: the state of this paused machine (refused while running)."""
-        from .vmstate import capture_vm
-        return capture_vm(self)
-
     # ---- run ----------------------------------------------------------
     def _serve(self, transport: MmioTransport, queue: int) -> None:
         # Guests here poll their used rings and may park on the idle doorbell
@@ -320,6 +316,8 @@ class Machine:
             self._on_stopped(why, status)
 
     def start(self) -> None:
+        while self.before_run:           # once, just before the guest runs (a restore's clock)
+            self.before_run.pop(0)()
         if self.net is not None:
             t = next(s.transport for s in self.virtio if s.transport.device is self.net)
             self.net.start(lambda: self._serve(t, 0))

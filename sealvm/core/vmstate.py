@@ -1,7 +1,7 @@
 """Whole-VM state: capture a paused Machine, serialise it, restore it into a new one.
 
     m.pause()
-    state = m.capture_state()                  # vCPUs, devices, VM clock
+    state = vmstate.capture_vm(m)              # vCPUs, devices, VM clock
     ram = vmstate.read_ram(m.memory)           # still paused: consistent with `state`
     blob = vmstate.to_bytes(state)             # canonical JSON, versioned, size-capped
     m2 = Machine(MachineConfig(image=b"", memory=..., vcpus=...,
@@ -236,8 +236,20 @@ def finish_restore(machine, restore: Restore) -> None:
     if st["irqchip"] is not None:
         restore_platform(machine.vm, st)
     KS.set_clock(machine.vm, st["clock"])
+    machine.before_run.append(lambda: restart_clock(machine, st))
     if restore.paused:
         machine.control.state = VcpuControl.PAUSED
+
+
+def restart_clock(machine, st: dict) -> None:
+    """Just before a restored guest first runs: its TSC (and TSC deadline, which counts
+    in TSC ticks) and the VM clock again, as captured.  Between capture and this moment
+    RAM was streamed in and keys were fetched; a guest clock set only at build time
+    would count all of that and jump."""
+    for v, rec in zip(machine.vcpus, st["vcpus"]):
+        for index in (MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE):      # in this order
+            KS.set_msrs(v.fd, {i: val for i, val in rec["msrs"] if i == index})
+    KS.set_clock(machine.vm, st["clock"])
 
 
 # ---- serialisation ---------------------------------------------------------------------
@@ -262,16 +274,6 @@ def from_bytes(blob: bytes) -> dict:
     return state
 
 
-def _int(what: str, v, bits: int = 64) -> int:
-    if type(v) is not int or not 0 <= v < 1 << bits:
-        raise VmStateError(f"{what} is not a {bits}-bit unsigned integer")
-    return v
-
-
-def _keys(what: str, d, keys: set) -> dict:
-    if not isinstance(d, dict) or set(d) != keys:
-        raise VmStateError(f"{what} must have exactly the keys {sorted(keys)}")
-    return d
 
 
 def check_state(st) -> None:
@@ -281,10 +283,10 @@ def check_state(st) -> None:
     if st.get("version") != VERSION:
         raise VmStateError(f"unsupported vmstate version {st.get('version')!r} "
                            f"(this monitor reads version {VERSION})")
-    _keys("state", st, {"format", "version", "memory", "vcpus", "devices", "clock",
-                        "irqchip", "pit"})
-    _int("memory", st["memory"])
-    _int("clock", st["clock"])
+    devstate.check_keys("state", st, {"format", "version", "memory", "vcpus", "devices",
+                                      "clock", "irqchip", "pit"})
+    devstate.check_int("memory", st["memory"])
+    devstate.check_int("clock", st["clock"])
     if (st["irqchip"] is None) != (st["pit"] is None):
         raise VmStateError("irqchip and PIT state come together or not at all")
     if st["irqchip"] is not None:
@@ -293,23 +295,19 @@ def check_state(st) -> None:
     if not isinstance(cpus, list) or not 1 <= len(cpus) <= 64:
         raise VmStateError("vcpus must be a list of 1 to 64 records")
     for i, rec in enumerate(cpus):
-        _keys(f"vcpu {i}", rec, {"id", "msrs", "mp_state", *_BLOBS})
+        devstate.check_keys(f"vcpu {i}", rec, {"id", "msrs", "mp_state", *_BLOBS})
         if rec["id"] != i:
             raise VmStateError(f"vcpu record {i} has id {rec['id']!r}")
-        _int(f"vcpu {i} mp_state", rec["mp_state"], 32)
+        devstate.check_int(f"vcpu {i} mp_state", rec["mp_state"], 32)
         for name, cls in _BLOBS.items():
-            if name == "lapic" and rec[name] is None:
-                continue
-            h = rec[name]
-            if not isinstance(h, str) or len(h) != 2 * ctypes.sizeof(cls) or \
-                    h.strip("0123456789abcdef"):
-                raise VmStateError(f"vcpu {i} {name} is not {ctypes.sizeof(cls)} bytes of hex")
+            if name != "lapic" or rec[name] is not None:
+                _check_hex(f"vcpu {i} {name}", rec[name], cls)
         msrs = rec["msrs"]
         if not isinstance(msrs, list) or len(msrs) > 256:
             raise VmStateError(f"vcpu {i} msrs must be a list of at most 256 pairs")
         for pair in msrs:
             if not isinstance(pair, list) or len(pair) != 2:
                 raise VmStateError(f"vcpu {i} msrs holds a non-pair")
-            _int(f"vcpu {i} MSR index", pair[0], 32)
-            _int(f"vcpu {i} MSR {pair[0]:#x}", pair[1])
+            devstate.check_int(f"vcpu {i} MSR index", pair[0], 32)
+            devstate.check_int(f"vcpu {i} MSR {pair[0]:#x}", pair[1])
     devstate.check_devices(st["devices"])

@@ -27,14 +27,15 @@ def _err(msg: str):
     return VmStateError(msg)
 
 
-def _int(what: str, v, bits: int) -> None:
+def check_int(what: str, v, bits: int = 64) -> None:
     if type(v) is not int or not 0 <= v < 1 << bits:
         raise _err(f"{what} is not a {bits}-bit unsigned integer")
 
 
-def _keys(what: str, d, keys: set) -> None:
+def check_keys(what: str, d, keys: set) -> None:
     if not isinstance(d, dict) or set(d) != keys:
         raise _err(f"{what} must have exactly the keys {sorted(keys)}")
+
 
 
 # ---- serial --------------------------------------------------------------------------
@@ -133,12 +134,10 @@ def restore_devices(machine, st: dict) -> None:
 
 
 def check_devices(st) -> None:
-    _keys("devices", st, {"serial", "virtio"})
-    _keys("serial", st["serial"], {*SERIAL_REGS, "rx", *SERIAL_BITS})
-    for r in SERIAL_REGS:
-        _int(f"serial {r}", st["serial"][r], 8)
-    for r in SERIAL_BITS:
-        _int(f"serial {r}", st["serial"][r], 1)
+    check_keys("devices", st, {"serial", "virtio"})
+    check_keys("serial", st["serial"], {*SERIAL_REGS, "rx", *SERIAL_BITS})
+    for r in (*SERIAL_REGS, *SERIAL_BITS):
+        check_int(f"serial {r}", st["serial"][r], 1 if r in SERIAL_BITS else 8)
     rx = st["serial"]["rx"]
     if not isinstance(rx, str) or len(rx) > 2 * SERIAL_RX_LIMIT or len(rx) % 2 or \
             rx.strip("0123456789abcdef"):
@@ -146,14 +145,14 @@ def check_devices(st) -> None:
     if not isinstance(st["virtio"], list) or len(st["virtio"]) > 32:
         raise _err("virtio must be a list of at most 32 devices")
     for i, d in enumerate(st["virtio"]):
-        _keys(f"virtio {i}", d, {"gpa", "device_id", "transport"})
-        _int(f"virtio {i} gpa", d["gpa"], 64)
-        _int(f"virtio {i} device_id", d["device_id"], 32)
+        check_keys(f"virtio {i}", d, {"gpa", "device_id", "transport"})
+        check_int(f"virtio {i} gpa", d["gpa"], 64)
+        check_int(f"virtio {i} device_id", d["device_id"], 32)
         t = d["transport"]
-        _keys(f"virtio {i} transport", t, {*TRANSPORT_INTS, "features_beyond_64",
+        check_keys(f"virtio {i} transport", t, {*TRANSPORT_INTS, "features_beyond_64",
                                             "broken_reason", "queues"})
         for k, bits in TRANSPORT_INTS.items():
-            _int(f"virtio {i} {k}", t[k], bits)
+            check_int(f"virtio {i} {k}", t[k], bits)
         if type(t["features_beyond_64"]) is not bool:
             raise _err(f"virtio {i} features_beyond_64 is not a boolean")
         if t["broken_reason"] is not None and not (isinstance(t["broken_reason"], str)
@@ -162,8 +161,8 @@ def check_devices(st) -> None:
         if not isinstance(t["queues"], list) or len(t["queues"]) > _MAX_QUEUES:
             raise _err(f"virtio {i} queues must be a list of at most {_MAX_QUEUES}")
         for j, q in enumerate(t["queues"]):
-            _keys(f"virtio {i} queue {j}", q, {*QUEUE_INTS, "ready"})
+            check_keys(f"virtio {i} queue {j}", q, {*QUEUE_INTS, "ready"})
             for k, bits in QUEUE_INTS.items():
-                _int(f"virtio {i} queue {j} {k}", q[k], bits)
+                check_int(f"virtio {i} queue {j} {k}", q[k], bits)
             if type(q["ready"]) is not bool:
                 raise _err(f"virtio {i} queue {j} ready is not a boolean")

@@ -50,7 +50,7 @@ def start(name: str, cmdline: str, memory: int = 64 * MiB, vcpus: int = 1, rng: 
 def capture_and_restore(m: Machine, paused: bool = True, **kw):
     """Pause, capture through a serialised blob, close, and build the restored machine."""
     m.pause()
-    state = m.capture_state()
+    state = vmstate.capture_vm(m)
     ram = vmstate.read_ram(m.memory)
     cfg = m.config
     m.close()
@@ -126,7 +126,7 @@ def test_capture_is_refused_while_running():
     m, con, _ = start("memtouch", "mib=8 secs=0 rate=2000")
     try:
         with pytest.raises(vmstate.VmStateError, match="paused"):
-            m.capture_state()
+            vmstate.capture_vm(m)
     finally:
         m.close()
 
@@ -136,7 +136,7 @@ def _small_state() -> dict:
     try:
         time.sleep(0.2)
         m.pause()
-        return m.capture_state()
+        return vmstate.capture_vm(m)
     finally:
         m.close()
 
