@@ -18,8 +18,11 @@ back (MSR_KVM_ASYNC_PF_INT, 0x4b564d06, here), so the MSR set is what a
 scratch vCPU of a scratch VM can both read and write back (`savable_msrs`,
 once per Kvm).  A Linux machine has the in-kernel irqchip (PIC pair, IOAPIC,
 one LAPIC per vCPU) and PIT; their state travels too (`capture_platform`), the
-LAPICs in the vCPU records.  The TSC travels as MSR_IA32_TSC: a restored guest's
-TSC continues from the value at capture, so the pause gap is invisible to it.
+LAPICs in the vCPU records.  The TSC travels as MSR_IA32_TSC and, with the VM
+clock, is written again just before the restored guest first runs
+(`restart_clock`): its clocks continue from the capture, so the time the restore
+took is invisible to it.  (kvm_pvm ignores a TSC written from the host: its guests
+read the host's TSC; there only kvmclock continues.)
 """
 from __future__ import annotations
 
