@@ -90,13 +90,18 @@ def one(data: bytes) -> None:
         else:
             t = threading.Thread(target=_source, args=(b, data[1:]))
             t.start()
-        MG.receive(a, lambda vm, g: KEY, lambda: ram, lambda config, state, memory: memory,
-                   lambda done, total: None)
+        MG.receive(a, lambda vm, g: KEY, lambda: ram, Built, lambda done, total: None)
     finally:
         a.close()
         if t is not None:
             t.join()
         b.close()
+
+
+class Built:
+    """What `receive` builds the VM from, in place of a machine (it has `before_run`)."""
+    def __init__(self, config: dict, state: dict, memory) -> None:
+        self.config, self.state, self.memory, self.before_run = config, state, memory, []
 
 
 def _rec(kind: int, payload: bytes) -> bytes:

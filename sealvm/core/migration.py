@@ -286,14 +286,22 @@ def receive(sock: socket.socket, attest: Callable[[str, int], bytes],
         meta = json.loads(meta)
         state, config = vmstate.from_bytes(meta["state"].encode()), meta["config"]
         disk_generation = int(meta.get("disk_generation", 0))
-        # The guest's TSC goes on with the wall clock, so the guest sees the switch-over as
-        # the gap it is (the downtime a guest can measure), as after any pause of a real CPU.
-        gap_ns = max(0, time.time_ns() - int(meta["wall_ns"]))
-        gap = gap_ns * int(meta["tsc_khz"]) // 1_000_000
+        # The guest's clocks go on with the wall clock, so the guest sees the switch-over
+        # as the gap it is (the downtime a guest can measure), as after any pause of a
+        # real CPU: up to now, and from its build to its first instruction (the owner's
+        # receipt comes between; vmstate.restart_clock then writes `state`).
+        khz, gap_ns = int(meta["tsc_khz"]), max(0, time.time_ns() - int(meta["wall_ns"]))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise MigrationError(f"malformed VM state in the stream: {e!r}") from None
-    state["clock"] = (state["clock"] + gap_ns) % (1 << 64)    # kvmclock goes on with it
+    _advance(state, gap_ns, khz)
+    machine, built = build(config, state, memory), time.monotonic_ns()
+    machine.before_run.insert(0, lambda: _advance(state, time.monotonic_ns() - built, khz))
+    return machine, generation, disk_generation
+
+
+def _advance(state: dict, gap_ns: int, tsc_khz: int) -> None:
+    """Move a captured state's kvmclock and TSCs gap_ns on."""
+    state["clock"] = (state["clock"] + gap_ns) % (1 << 64)
     for rec in state["vcpus"]:
-        rec["msrs"] = [[i, (v + gap) % (1 << 64) if i == vmstate.MSR_IA32_TSC else v]
-                       for i, v in rec["msrs"]]
-    return build(config, state, memory), generation, disk_generation
+        rec["msrs"] = [[i, (v + gap_ns * tsc_khz // 1_000_000) % (1 << 64)
+                        if i == vmstate.MSR_IA32_TSC else v] for i, v in rec["msrs"]]

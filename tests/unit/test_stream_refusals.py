@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -27,8 +28,7 @@ def _receive(records: bytes):
     t = threading.Thread(target=FM._source, args=(b, records))
     t.start()
     try:
-        return MG.receive(a, lambda vm, g: FM.KEY, lambda: FM.ram,
-                          lambda config, state, memory: (config, state), lambda d, t: None)
+        return MG.receive(a, lambda vm, g: FM.KEY, lambda: FM.ram, FM.Built, lambda d, t: None)
     finally:
         a.close()
         t.join()
@@ -48,8 +48,13 @@ def test_malformed_vm_state_in_a_migration_stream_is_refused(meta):
 
 
 def test_a_genuine_stream_still_arrives():
-    (config, state), generation, _ = _receive(FM.seeds()[0][1:])
+    built, generation, _ = _receive(FM.seeds()[0][1:])
+    config, state = built.config, built.state
     assert config == {"memory_mib": 2} and state["vcpus"][0]["id"] == 0 and generation == FM.GEN
+    clock = state["clock"]
+    time.sleep(0.05)
+    built.before_run[0]()              # at its first instruction the clock has gone on
+    assert state["clock"] - clock >= 50_000_000
     assert FM.ram.read(4096, 4096) == b"\x01" * 4096
 
 
