@@ -23,6 +23,7 @@ import lzma
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sysconfig
@@ -184,7 +185,8 @@ def guest_initrd(image: Path, init: str, modules: tuple[str, ...] = (),
                  programs: tuple[str, ...] = (), extra: dict[str, bytes] | None = None) -> bytes:
     """A gzip'd initramfs: static busybox, the guest's virtio modules (and `modules`, paths
     under the kernel's module tree), `programs` from this host with their libraries, the
-    `extra` files ({path: bytes}, e.g. etc/mke2fs.conf; executable under bin/) and `init`."""
+    `extra` files ({path: bytes}, e.g. etc/mke2fs.conf; executable under bin/ and usr/bin/)
+    and `init`."""
     kv = (image / "kernel-version").read_text().strip()
     mods = image / "modules" / kv
     files: dict[str, tuple[int, bytes]] = {d: (0o40755, b"") for d in
@@ -198,7 +200,7 @@ def guest_initrd(image: Path, init: str, modules: tuple[str, ...] = (),
             files.setdefault("/".join(path.split("/")[:i]), (0o40755, b""))
         files[path] = (0o100755, data)
     for path, data in (extra or {}).items():
-        files[path] = (0o100755 if path.startswith("bin/") else 0o100644, data)
+        files[path] = (0o100755 if path.startswith(("bin/", "usr/bin/")) else 0o100644, data)
     files["init"] = (0o100755, init.encode())
     return gzip.compress(_cpio_newc(files), compresslevel=1, mtime=0)
 
@@ -215,13 +217,40 @@ class Outcome:
         return (int(m.group(2)), m.group(1)) if m else (None, "")
 
 
+# uds.py, for job scripts: GET from a host daemon's UNIX socket with the standard library
+# only (each `sealvm vm ...` call would start a Python with httpx, seconds of TCG time).
+UDS_PY = r"""
+import http.client, socket
+class _Conn(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("sealvm", timeout=30)
+        self.path = path
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self.path)
+def get(sock, path):
+    # (status, body text) of GET path on the daemon at sock; (0, error) if it is not there
+    c = _Conn(sock)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    except OSError as e:
+        return 0, str(e)
+    finally:
+        c.close()
+"""
+
+
 RUN_SH_HEAD = """#!/bin/sh
 export PATH=/job/bin:$PATH PYTHONDONTWRITEBYTECODE=1
-scenario() {  # NAME COMMAND...: run it, bracket its output and status for the test
+scenario() {  # NAME COMMAND...: run it, bracket its output, status and seconds for the test
     name=$1; shift
     echo "=== BEGIN $name"
+    t0=$(date +%s)
     "$@" 2>&1
-    echo "=== END $name rc=$?"
+    rc=$?
+    echo "=== END $name rc=$rc s=$(($(date +%s) - t0))"
 }
 """
 
@@ -259,6 +288,7 @@ class Job:
             add_bytes("vmlinuz", (self.image / "vmlinuz").read_bytes())
             for name, data in self.files.items():
                 add_bytes(name, data, 0o755 if name.endswith((".sh", ".py")) else 0o644)
+            add_bytes("uds.py", UDS_PY.encode())
             add_bytes("run.sh", (RUN_SH_HEAD + self.script).encode(), 0o755)
 
     def run(self, timeout: float = 600, memory: str = "2048", smp: int = 1) -> Outcome:
@@ -281,7 +311,8 @@ class Job:
             # the console goes to a file as it comes: `tail -f` it to follow a long run
             log = Path(tempfile.gettempdir()) / f"sealvm-nested-{self.name}.console"
             with open(log, "wb") as out, subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT) as p:
+                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent) as p:
                 _RUNNING.add(p)
                 try:
                     p.wait(timeout=timeout)
@@ -300,14 +331,17 @@ class Job:
 
 
 # Outer-VM runs started early: a test module's job begins when the session has collected
-# it (tests/conftest.py) and runs on a background thread beside the other tests, one outer
-# VM at a time (each is one TCG thread); the module's fixture waits for its outcome.
+# it (tests/linux/conftest.py) and runs on a background thread beside the other tests, one
+# outer VM at a time (each is one TCG thread), or one per core when the session runs
+# nothing else (`make test-linux`); the module's fixture waits for its outcome.
 _RUNNING: set[subprocess.Popen] = set()
 _LOCK = threading.Lock()
 _QUEUE: list[tuple[str, Callable[[Path], Job], float]] = []
+_STARTED: set[str] = set()
 _DONE: dict[str, Outcome | BaseException] = {}
 _WAKE = threading.Condition(_LOCK)
-_worker: threading.Thread | None = None
+_workers: list[threading.Thread] = []
+_parallel = 1
 
 
 def can_run() -> str | None:
@@ -316,12 +350,19 @@ def can_run() -> str | None:
     return None if have_kvm() else "no /dev/kvm on this machine: nested Linux tests skipped"
 
 
+def set_parallel(n: int) -> None:
+    """How many outer VMs may run at once (1 unless the session has nothing else to do)."""
+    global _parallel
+    _parallel = max(1, n)
+
+
 def _work() -> None:
     while True:
         with _LOCK:
             if not _QUEUE:
                 return
-            key, build, timeout = _QUEUE[0]
+            key, build, timeout = _QUEUE.pop(0)
+            _STARTED.add(key)
         try:
             job = build(outer_image())
             job.name = key.rsplit(".", 1)[-1]
@@ -329,21 +370,21 @@ def _work() -> None:
         except BaseException as e:          # the fixture that waits re-raises it
             result = e
         with _WAKE:
-            _QUEUE.pop(0)
             _DONE[key] = result
             _WAKE.notify_all()
 
 
 def start(key: str, build: Callable[[Path], Job], timeout: float) -> None:
     """Queue this job (`build(image)` makes it) to run in the background, once."""
-    global _worker
     with _LOCK:
-        if key in _DONE or any(k == key for k, _, _ in _QUEUE):
+        if key in _DONE or key in _STARTED or any(k == key for k, _, _ in _QUEUE):
             return
         _QUEUE.append((key, build, timeout))
-        if _worker is None or not _worker.is_alive():
-            _worker = threading.Thread(target=_work, name="nested-outer-vm", daemon=True)
-            _worker.start()
+        _workers[:] = [w for w in _workers if w.is_alive()]
+        if len(_workers) < _parallel:
+            w = threading.Thread(target=_work, name="nested-outer-vm", daemon=True)
+            w.start()
+            _workers.append(w)
 
 
 def outcome(key: str, build: Callable[[Path], Job], timeout: float) -> Outcome:
@@ -360,9 +401,16 @@ def outcome(key: str, build: Callable[[Path], Job], timeout: float) -> Outcome:
 def stop() -> None:
     """End of the session: drop queued jobs and kill a running outer VM."""
     with _LOCK:
-        del _QUEUE[1:]
+        _QUEUE.clear()
     for p in list(_RUNNING):
         p.kill()
+
+
+def _die_with_parent() -> None:
+    """In the outer VM's QEMU before exec: SIGKILL when the test process goes (a killed
+    run leaves no outer VM behind)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
 
 
 def have_kvm() -> bool:
