@@ -200,6 +200,8 @@ def guest_initrd(image: Path, init: str, modules: tuple[str, ...] = (),
             files.setdefault("/".join(path.split("/")[:i]), (0o40755, b""))
         files[path] = (0o100755, data)
     for path, data in (extra or {}).items():
+        for i in range(1, path.count("/") + 1):
+            files.setdefault("/".join(path.split("/")[:i]), (0o40755, b""))
         files[path] = (0o100755 if path.startswith(("bin/", "usr/bin/")) else 0o100644, data)
     files["init"] = (0o100755, init.encode())
     return gzip.compress(_cpio_newc(files), compresslevel=1, mtime=0)

@@ -217,7 +217,8 @@ def lines(text: str, word: str) -> list[dict[str, str]]:
     return [dict(re.findall(r"(\w+)=(\S*)", m)) for m in re.findall(rf"^{word} (.*)$", text, re.M)]
 
 
-MEMCHECK = re.compile(r"^MEMCHECK pass=(\d+) bad=(\d+) up=([\d.]+) gap=([\d.]+) back=(\d+)$", re.M)
+MEMCHECK = re.compile(r"^MEMCHECK pass=(\d+) bad=(\d+) up=([\d.]+) gap=([\d.]+) back=(\d+)\r?$",
+                      re.M)
 
 
 def memchecks(text: str) -> list[dict[str, float]]:
