@@ -19,6 +19,11 @@ with the sealed disk as virtio-blk, several times:
   rollback   the host puts back the file as it was after `format`: the launcher's
              witness refuses it before the guest runs; control with disk_witness off:
              the guest boots on the old filesystem (its boot counter goes back)
+  live-rollback  a second VM's guest keeps ext4 mounted and rewrites a file; while it
+             runs the host writes the disk file back as it was before the rewrite
+             (in place, under the mounted filesystem); the guest drops its page cache
+             and reads the file: an I/O error, never the old data; control with
+             disk_integrity off: the guest silently reads data it did not write
 
 Every guest boot ends with one `GUEST-DISK ...` line the tests read.
 """
@@ -84,6 +89,35 @@ sync; umount /mnt
 [ "$FSCK" = 0 ] || cat /tmp/fsck.log
 report
 """.replace("CANARY", CANARY)
+
+# The live-rollback guest: ext4 mounted, a file written (v1) and rewritten (v2), each
+# committed with sync; between steps it waits for a line on its console (the host acts);
+# then it reads the file back from the disk and says what it got.
+LIVE_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/bin:/bin
+mkdir -p /proc /sys /dev /tmp /mnt /etc
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp; ln -s /proc/mounts /etc/mtab
+for m in virtio_ring virtio virtio_mmio virtio-rng virtio_blk; do insmod /lib/$m.ko; done
+for i in $(seq 100); do [ -b /dev/vda ] && break; sleep 0.1; done
+/usr/bin/mke2fs -q -t ext4 -F /dev/vda > /tmp/mkfs.log 2>&1 || cat /tmp/mkfs.log
+mount -t ext4 /dev/vda /mnt
+head -c 262144 /dev/urandom > /mnt/f; sync
+V1=$(sha256sum /mnt/f | cut -c1-64); echo "LIVE-STEP v1"; read go
+head -c 262144 /dev/urandom > /mnt/f; sync
+V2=$(sha256sum /mnt/f | cut -c1-64); echo "LIVE-STEP v2"; read go
+echo 3 > /proc/sys/vm/drop_caches
+GOT=$(sha256sum /mnt/f 2>&1 | cut -c1-64)
+case "$GOT" in
+    $V2) DATA=current ;; $V1) DATA=old ;;
+    *"I/O error"*|*"Input/output"*|*"can't"*|*"Bad message"*) DATA=ioerror ;;
+    *) DATA=other ;;
+esac
+dmesg | grep -i "I/O error\|EXT4-fs error" | head -3
+echo "GUEST-LIVE data=$DATA"
+poweroff -f
+"""
 
 # The host's attacker tool: flip one bit in the ciphertext of both slots of one block
 # (docs/sealed-disk.md: slot k of block b at data + (k * N + b) * 4160, 64-byte clear header).
@@ -161,6 +195,26 @@ cp /tmp/after-format.img /tmp/rolled.img
 scenario rollback run /tmp/rolled.img
 scenario rollback-control run /tmp/rolled.img env SEALVM_TEST_MODE=1 \
     SEALVM_INSECURE_TEST_DISABLE=disk_witness
+# live rollback: the disk written back under the guest's mounted filesystem
+sealvm owner sign --dir $O --kernel vmlinuz --initrd live.cpio.gz --name lv --memory 256M \
+    --devices rng,blk --cmdline "$CMD" > /dev/null || exit 1
+live() {  # DISK [env ...]: run the live guest, roll its disk back between v2 and the read
+    img=$1; shift; rm -f /tmp/in /tmp/live.out; mkfifo /tmp/in
+    "$@" sealvm run --kernel vmlinuz --initrd live.cpio.gz -m 256M --cmdline "$CMD" \
+        --manifest $O/vms/lv --broker http://127.0.0.1:$PORT --disk $img \
+        < /tmp/in > /tmp/live.out 2>&1 &
+    pid=$!; exec 3> /tmp/in
+    upto() { for i in $(seq 900); do grep -q "$1" /tmp/live.out && return 0; sleep 0.2; done; return 1; }
+    upto "LIVE-STEP v1" && cp $img /tmp/live-old.img && echo go >&3
+    upto "LIVE-STEP v2" && dd if=/tmp/live-old.img of=$img bs=1M conv=notrunc 2> /dev/null \
+        && echo "host: rolled the disk back under the running guest" && echo go >&3
+    wait $pid; rc=$?; exec 3>&-; cat /tmp/live.out; return $rc
+}
+sealvm disk create 64M -o /tmp/lv1.img --owner $O --vm lv > /dev/null || exit 1
+sealvm disk create 64M -o /tmp/lv2.img --owner $O --vm lv > /dev/null || exit 1
+scenario live-rollback live /tmp/lv1.img
+scenario live-rollback-control live /tmp/lv2.img env SEALVM_TEST_MODE=1 \
+    SEALVM_INSECURE_TEST_DISABLE=disk_integrity
 scenario broker-log cut -c1-200 $O/broker.log
 """.replace("CMDLINE", CMDLINE).replace("CANARY", CANARY)
 
@@ -174,6 +228,9 @@ def nested_job(image):
     job.add("disk.cpio.gz", N.guest_initrd(
         image, DISK_INIT, modules=("kernel/drivers/block/virtio_blk.ko",),
         programs=("mke2fs", "e2fsck"),
+        extra={"etc/mke2fs.conf": conf.read_bytes()} if conf.exists() else None))
+    job.add("live.cpio.gz", N.guest_initrd(
+        image, LIVE_INIT, modules=("kernel/drivers/block/virtio_blk.ko",), programs=("mke2fs",),
         extra={"etc/mke2fs.conf": conf.read_bytes()} if conf.exists() else None))
     job.add("tamper.py", TAMPER_PY.encode())
     job.add("find.py", FIND_PY.encode())
@@ -251,3 +308,26 @@ def test_control_without_the_witness_the_guest_boots_on_the_old_filesystem(outer
     rc, rep, text = disk_report(outer, "rollback-control")
     assert rc == 0, text[-4000:]
     assert rep["phase"] == "check" and rep["boots"] == "2", text[-4000:]   # 3 without rollback
+
+
+def live_report(outer, name: str) -> tuple[str, str]:
+    rc, text = outer.section(name)
+    m = re.search(r"^GUEST-LIVE data=(\w+)", text, re.M)
+    assert "host: rolled the disk back under the running guest" in text, text[-4000:]
+    return (m.group(1) if m else ""), text
+
+
+def test_a_disk_rolled_back_under_a_mounted_filesystem_is_an_io_error(outer):
+    """The core keeps the disk's block table in memory from the moment it opened it: a
+    block the host put back from an older copy fails its check, whatever the file says."""
+    data, text = live_report(outer, "live-rollback")
+    assert data == "ioerror", text[-4000:]
+    assert "TAMPERING DETECTED" in text, text[-4000:]
+
+
+def test_control_without_disk_integrity_the_guest_reads_what_the_host_put_back(outer):
+    """Unchecked, the blocks the host put back are decrypted as if current: the guest
+    reads, without an error, data that is not what it wrote."""
+    data, text = live_report(outer, "live-rollback-control")
+    assert data in ("old", "other"), text[-4000:]
+    assert "TAMPERING DETECTED" not in text
