@@ -400,6 +400,18 @@ def outcome(key: str, build: Callable[[Path], Job], timeout: float) -> Outcome:
     return result
 
 
+def module_outcome(module) -> Outcome:
+    """A nested test module's `outer` fixture: its job's outcome, which must have finished
+    (the module defines `nested_job(image)` and `NESTED_TIMEOUT`); skipped where nested
+    tests cannot run."""
+    import pytest
+    if can_run():
+        pytest.skip(can_run())
+    out = outcome(module.__name__, module.nested_job, module.NESTED_TIMEOUT)
+    assert out.rc == 0, f"the outer VM did not finish its job:\n{out.console[-6000:]}"
+    return out
+
+
 def stop() -> None:
     """End of the session: drop queued jobs and kill a running outer VM."""
     with _LOCK:
