@@ -12,8 +12,10 @@ when every file the core will ever open is open.
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import socket
 import struct
 import sys
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     attestation = Attestation(bundle, args.preboot_fd) if bundle is not None else None
     install_kick_handler()            # signals can only be set up on the main thread
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # kill -USR1: stacks on stderr
     portal = Portal()
     service = VmService(args.vm_id, args.memory_mib, portal.emit, kvm_fd=args.kvm_fd,
                         attestation=attestation, witness_fd=args.witness_fd,

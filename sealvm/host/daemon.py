@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -35,6 +37,7 @@ def api_socket(run_dir: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="hostd %(levelname)s %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # kill -USR1: stacks in the log
     # SAFETY: prctl with integer arguments only.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     import uvicorn

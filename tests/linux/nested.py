@@ -244,6 +244,25 @@ def get(sock, path):
 """
 
 
+# dump.py, for job scripts when a step is stuck: every sealvm process (daemons, cores)
+# writes its threads' stacks to its log (SIGUSR1, faulthandler); then the logs' tails.
+DUMP_PY = r"""
+import glob, os, signal, time
+for d in glob.glob("/proc/[0-9]*"):
+    try:
+        cmd = open(d + "/cmdline", "rb").read()
+        if b"sealvm" in cmd and (b"hostd" in cmd or b"sealvm.core" in cmd):
+            os.kill(int(d[6:]), signal.SIGUSR1)
+    except OSError:
+        pass
+time.sleep(2)
+for path in sorted(glob.glob("/run/hostd-*.log") + glob.glob("/run/sealvm-launcher/*.log")
+                   + glob.glob("/run/*/state/**/*.log", recursive=True)):
+    print(f"----- {path}")
+    print(open(path, errors="replace").read()[-6000:])
+"""
+
+
 RUN_SH_HEAD = """#!/bin/sh
 export PATH=/job/bin:$PATH PYTHONDONTWRITEBYTECODE=1
 scenario() {  # NAME COMMAND...: run it, bracket its output, status and seconds for the test
@@ -291,6 +310,7 @@ class Job:
             for name, data in self.files.items():
                 add_bytes(name, data, 0o755 if name.endswith((".sh", ".py")) else 0o644)
             add_bytes("uds.py", UDS_PY.encode())
+            add_bytes("dump.py", DUMP_PY.encode())
             add_bytes("run.sh", (RUN_SH_HEAD + self.script).encode(), 0o755)
 
     def run(self, timeout: float = 600, memory: str = "2048", smp: int = 1) -> Outcome:

@@ -128,7 +128,7 @@ scenario restore $B restore /run/snaps/lx.svs $DEV --name lx
 python3 waitfor.py console /run/b/run/hostd.sock lx PROBE 2
 scenario console-b python3 con.py /run/b/run/hostd.sock lx
 scenario migrate sh -c "timeout 300 $B migrate lx --to /run/a/run/hostd.sock $DEV --name lx2 \
-    || { tail -n 30 /run/hostd-a.log /run/hostd-b.log; exit 1; }"
+    || { python3 dump.py; exit 1; }"
 python3 waitfor.py console /run/a/run/hostd.sock lx2 PROBE 2
 scenario console-a2 python3 con.py /run/a/run/hostd.sock lx2
 scenario states python3 con.py list /run/a/run/hostd.sock /run/b/run/hostd.sock
