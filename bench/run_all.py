@@ -20,8 +20,8 @@ from pathlib import Path
 from . import common as C
 
 MODULES = ["startup", "compute", "firsttouch", "idle", "exits", "memory", "split", "attest",
-           "snapshot", "migration", "linux_boot", "disk", "net", "fleet", "fleet_scale",
-           "validation"]
+           "snapshot", "migration", "linux_boot", "linux_sealed", "disk", "net", "fleet",
+           "fleet_scale", "validation"]
 
 
 def markdown(rows: list[dict], failures: dict, host: dict, elapsed: float) -> str:

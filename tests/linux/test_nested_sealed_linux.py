@@ -214,7 +214,7 @@ def lines(text: str, word: str) -> list[dict[str, str]]:
     return [dict(re.findall(r"(\w+)=(\S*)", m)) for m in re.findall(rf"^{word} (.*)$", text, re.M)]
 
 
-MEMCHECK = re.compile(r"^MEMCHECK pass=(\d+) bad=(\d+) up=([\d.]+) gap=([\d.]+) back=(\d+)\r?$",
+MEMCHECK = re.compile(r"^MEMCHECK pass=(\d+) bad=(\d+) up=([\d.]+) gap=([\d.]+) back=(\d+)\r*$",
                       re.M)
 
 
