@@ -550,7 +550,8 @@ disk_fd = os.memfd_create("disk"); disk_io = diskseal.FileIO(disk_fd)
 diskseal.format_disk(disk_io, bytes(32), 1)
 disk = diskseal.SealedDisk(disk_io, bytes(32), verify=not disabled("disk_integrity"))
 disk.write_block(0, bytes(4096))
-os.pwrite(disk_fd, bytes([255]), disk.layout.slot(0, disk.entry(0)[3]) + 100)
+at = disk.layout.slot(0, disk.entry(0)[3]) + 100      # flip a bit: a set byte may not change
+os.pwrite(disk_fd, bytes([os.pread(disk_fd, 1, at)[0] ^ 1]), at)
 try:
     disk.read_block(0)
     disk_integrity = False
